@@ -150,14 +150,21 @@ def torchvision_backbone(name: str, pretrained: bool, num_classes: int, dropout:
     """(features, channels, head_layers) for a torchvision model; ImageNet weights via the weights API."""
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
     kwargs = {"aux_logits": True, "init_weights": not pretrained} if name == "inception_v3" else {}
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url) if weights else None
+
+    def unavailable(reason: str) -> WeightsUnavailable:
+        return WeightsUnavailable(
+            f"ImageNet weights for {name} are not available offline: {target} is missing and {reason}. "
+            f"Download {weights.url} on a machine with internet and put it at {target}, "
+            f"or train from scratch (regime 'scratch').")
+
+    # A failed download can take a minute (DNS time-outs); ORESTUDY_OFFLINE=1 says not to try.
+    if target and not target.exists() and os.environ.get("ORESTUDY_OFFLINE", "0") not in ("", "0"):
+        raise unavailable("ORESTUDY_OFFLINE is set, so no download was tried")
     try:
         net = torchvision.models.get_model(name, weights=weights, **kwargs)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a half-downloaded file a RuntimeError
-        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        raise WeightsUnavailable(
-            f"ImageNet weights for {name} are not available offline: {target} is missing and downloading "
-            f"{weights.url} failed ({type(err).__name__}: {err}). Download that file on a machine with "
-            f"internet and put it at {target}, or train from scratch with --weights none.") from err
+        raise unavailable(f"downloading it failed ({type(err).__name__}: {err})") from err
     if name in ("alexnet", "vgg16"):
         pool = (6, 6) if name == "alexnet" else (7, 7)
         kept = list(net.classifier.children())[:-1]  # keep the pretrained FC layers, replace the last
@@ -195,9 +202,30 @@ class OreClassifier(nn.Module):
             return self.forward_head(features), aux
         return self.forward_head(features)
 
-    def set_backbone_frozen(self, frozen: bool) -> None:
+    # Partial freezing counts the backbone's leading modules (a Sequential's children; Inception v3's
+    # backbone is one module, so it is frozen whole or not at all).
+    @property
+    def depth(self) -> int:
+        return len(self.backbone) if isinstance(self.backbone, nn.Sequential) else 1
+
+    def frozen_part(self, depth: int) -> nn.Module:
+        if depth >= self.depth:
+            return self.backbone
+        if isinstance(self.backbone, nn.Sequential):
+            return self.backbone[:depth]
+        if depth:
+            raise ValueError(f"{self.spec.name}'s backbone can only be frozen whole (freeze_depth 0)")
+        return nn.Sequential()
+
+    def forward_from(self, depth: int, x: torch.Tensor) -> torch.Tensor:
+        """The model's output from the frozen part's output at depth."""
+        return self.forward_head(x if depth >= self.depth else self.backbone[depth:](x))
+
+    def set_frozen_depth(self, depth: int) -> None:
         for p in self.backbone.parameters():
-            p.requires_grad_(not frozen)
+            p.requires_grad_(True)
+        for p in self.frozen_part(depth).parameters():
+            p.requires_grad_(False)
 
 
 def backbone_spec(name: str) -> BackboneSpec:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -46,10 +46,13 @@ class TrainConfig:
     batch_size: int = 32
     dropout: float = 0.5
     aug_strength: float = 0.0       # online augmentation policy, 0 = off
-    aug_bank: int = 4               # online draws kept per view while the backbone is frozen
+    aug_bank: int = 4               # online draws kept per view while (part of) the backbone is frozen
+    freeze_depth: int = 0           # leading backbone modules frozen for the whole run (partial fine-tuning)
+    cache_features: bool = True     # reuse frozen backbone outputs instead of recomputing them
     seed: int = 231                 # split seed and training seed
     image_size: int = 0             # 0: the backbone's own input size (224, 299 for Inception v3)
     normalization: str = "train"    # train: split statistics (paper eq. 3) | backbone: the weights' own
+    unknown_target_error: float = 0.05  # error rate the "unknown" threshold allows on validation
     precision: str = "auto"         # auto | bf16 | fp32
     threads: int = 0                # 0: all cores this process may use
     device: str = "auto"
@@ -71,8 +74,8 @@ class TrainConfig:
             raise ValueError(f"unknown attention {self.attention!r}; expected one of {models.ATTENTIONS}")
         if self.normalization not in ("train", "backbone"):
             raise ValueError(f"normalization must be 'train' or 'backbone', got {self.normalization!r}")
-        if self.epochs < 1 or self.freeze_epochs < 0 or self.batch_size < 1 or self.reduction < 1:
-            raise ValueError("epochs and batch_size must be >= 1, freeze_epochs >= 0, reduction >= 1")
+        if self.epochs < 1 or self.freeze_epochs < 0 or self.freeze_depth < 0 or self.batch_size < 1 or self.reduction < 1:
+            raise ValueError("epochs and batch_size must be >= 1, freeze_epochs and freeze_depth >= 0, reduction >= 1")
         if not 0.0 <= self.aug_strength <= 1.0:
             raise ValueError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
 
@@ -197,10 +200,19 @@ def evaluate(forward: Callable, loader, device, dtype) -> Evaluation:
     return Evaluation(sum(losses) / len(labels_np), float((preds == labels_np).mean()), labels_np, preds, probs_np)
 
 
+def unknown_threshold(confidence: np.ndarray, correct: np.ndarray, target_error: float) -> float:
+    """The lowest top-1 probability above which validation predictions err at most target_error of the
+    time (so the most photos get an answer); below it a prediction is reported as 'unknown'."""
+    order = np.argsort(-confidence)
+    errors = np.cumsum(~correct[order]) / np.arange(1, len(order) + 1)
+    ok = np.nonzero(errors <= target_error)[0]
+    return float(confidence[order][ok.max()]) if len(ok) else 1.0
+
+
 # ---------------------------------------------------------------------------------------------------
 # One experiment
 
-@lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)
 def scan_cached(root: str):
     """Scanning decodes every file; a process (a Ray worker running many trials) does it once."""
     return data.scan_folder(root)
@@ -277,17 +289,20 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
     def images(samples, augment=None):
         return features.normalized_batch(samples, size, config.seed, s, mean, std, augment)
 
-    # Feature cache for frozen phases; scratch weights depend on the seed, so the seed is in the key.
-    cache = features.FeatureCache(config.cache or None, {
-        "backbone": spec.name, "weights": config.weights, "input_size": size, "mean": mean, "std": std,
-        "precision": str(dtype), "seed": config.seed if config.weights == "none" else None,
-        "view_seed": config.seed, "strength": s})
+    # Whatever part of the backbone is frozen is computed once per fixed view and cached: the whole
+    # backbone during the first freeze_epochs, its first freeze_depth modules afterwards. Random
+    # (scratch) weights depend on the seed, so the seed is part of the cache key.
+    cache_key = {"backbone": spec.name, "weights": config.weights, "input_size": size, "mean": mean,
+                 "std": std, "precision": str(dtype), "seed": config.seed if config.weights == "none" else None,
+                 "view_seed": config.seed, "strength": s}
+    caches: dict[int, features.FeatureCache] = {}
 
-    @torch.no_grad()
-    def backbone_features(samples):
-        model.backbone.eval()
-        with autocast(device, dtype):
-            return model.backbone(to_device(images(samples), device)).float().cpu()
+    def frozen_output(depth: int):
+        @torch.no_grad()
+        def compute(samples):
+            with autocast(device, dtype):
+                return model.frozen_part(depth)(to_device(images(samples), device)).float().cpu()
+        return compute
 
     history, best = [], {"val_accuracy": -1.0}
     best_state = None
@@ -296,21 +311,24 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
     for epoch in range(1, config.epochs + 1):
         t0 = time.time()
         frozen = epoch <= config.freeze_epochs
-        model.set_backbone_frozen(frozen)
+        depth = model.depth if frozen else config.freeze_depth
+        model.set_frozen_depth(depth)
         model.train()
-        if frozen:
-            model.backbone.eval()  # frozen means frozen BN statistics too, exactly what was cached
-            if online is not None:
+        model.frozen_part(depth).eval()  # frozen means frozen BN statistics too, exactly what is cached
+        if depth and config.cache_features:
+            if depth not in caches:
+                caches[depth] = features.FeatureCache(config.cache or None, {**cache_key, "depth": depth})
+            cache = caches[depth]
+            if online is not None:  # random views cannot be cached: draw from a fixed bank per view
                 draws = torch.randint(config.aug_bank, (len(train_samples),), generator=gen).tolist()
                 epoch_samples = [(r, f"{v}+online{k}") for (r, v), k in zip(train_samples, draws)]
-                cache.fill([(r, f"{v}+online{k}") for r, v in train_samples for k in range(config.aug_bank)], backbone_features)
+                needed = [(r, f"{v}+online{k}") for r, v in train_samples for k in range(config.aug_bank)]
             else:
-                epoch_samples = train_samples
-                cache.fill(train_samples, backbone_features)
-            cache.fill(val_samples, backbone_features)
+                epoch_samples = needed = train_samples
+            cache.fill(needed + val_samples, frozen_output(depth))
             train_loader = batches(epoch_samples, train_labels, config.batch_size, cache.batch, gen)
             val_loader = batches(val_samples, prep.labels["val"], config.batch_size, cache.batch)
-            forward = model.forward_head
+            forward = functools.partial(model.forward_from, depth)
         else:
             train_loader = batches(train_samples, train_labels, config.batch_size,
                                    lambda smp: images(smp, online), gen)
@@ -319,7 +337,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
         train_loss, train_acc = train_one_epoch(forward, optimizer, train_loader, device, dtype, n_batches,
                                                 f"epoch {epoch}/{config.epochs}", progress)
         model.eval()
-        val = evaluate(model.forward_head if frozen else model, val_loader, device, dtype)
+        val = evaluate(forward, val_loader, device, dtype)
         row = {"epoch": epoch, "frozen": int(frozen), "train_loss": train_loss, "train_accuracy": train_acc,
                "val_loss": val.loss, "val_accuracy": val.accuracy, "epoch_seconds": time.time() - t0}
         history.append(row)
@@ -336,9 +354,15 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
         if report is not None:
             report(row, run_dir / "best.pt" if improved else None)
 
-    # The test split, once: the best-validation checkpoint through the full model.
+    # The best-validation checkpoint: its "unknown" threshold is chosen on validation, then the test
+    # split is evaluated once, through the full model.
     model.load_state_dict(best_state)
     model.eval()
+    val = evaluate(model, batches(val_samples, prep.labels["val"], config.batch_size, images), device, dtype)
+    best["unknown_threshold"] = unknown_threshold(val.probabilities.max(1), val.predictions == val.labels,
+                                                  config.unknown_target_error)
+    best["unknown_target_error"] = config.unknown_target_error
+    models.save_checkpoint(run_dir / "best.pt", model, prep.class_names, size, mean, std, asdict(config), best)
     test_samples = [(r, "identity") for r in prep.records["test"]]
     test = evaluate(model, batches(test_samples, prep.labels["test"], config.batch_size, images), device, dtype)
     result = reports.classification_metrics(test.labels, test.predictions, prep.class_names)

@@ -16,26 +16,65 @@ def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def test_frozen_backbone_unchanged_then_trained(image_folder, tmp_path):
-    snapshots = []
-    config = tiny_config(image_folder, tmp_path, epochs=3, freeze_epochs=2)
-    original = models.OreClassifier.set_backbone_frozen
+def backbone_state(model):
+    return {k: v.clone() for k, v in model.backbone.state_dict().items()}
 
-    def spy(self, frozen):  # snapshot the backbone at the start of every epoch
-        snapshots.append({k: v.clone() for k, v in self.backbone.state_dict().items()})
-        original(self, frozen)
 
-    models.OreClassifier.set_backbone_frozen = spy
-    try:
-        run_experiment(config)
-    finally:
-        models.OreClassifier.set_backbone_frozen = original
-    first, second, third = snapshots
-    assert all(torch.equal(first[k], second[k]) for k in first), "backbone changed while frozen"
-    final = torch.load(tmp_path / "runs" / config.run_name() / "best.pt", weights_only=False)["model"]
-    last = {k[len("backbone."):]: v for k, v in final.items() if k.startswith("backbone.")}
-    assert torch.equal(second["0.0.weight"], third["0.0.weight"])  # epoch 2 was still frozen
-    assert final["head.3.weight"].shape[0] == 3
+@pytest.mark.parametrize("cache_features", [True, False])
+def test_frozen_backbone_unchanged_then_trained(image_folder, tmp_path, monkeypatch, cache_features):
+    models_seen, snapshots = [], []
+    original = models.OreClassifier.set_frozen_depth
+
+    def spy(self, depth):
+        if not models_seen:
+            models_seen.append(self)
+            snapshots.append(backbone_state(self))  # before any training
+        original(self, depth)
+
+    monkeypatch.setattr(models.OreClassifier, "set_frozen_depth", spy)
+    config = tiny_config(image_folder, tmp_path, epochs=3, freeze_epochs=2, cache_features=cache_features)
+    run_experiment(config, report=lambda row, ckpt: snapshots.append(backbone_state(models_seen[0])))
+    start, after1, after2, after3 = snapshots
+    for k in start:  # weights and BN running statistics alike
+        assert torch.equal(start[k], after1[k]) and torch.equal(start[k], after2[k]), f"{k} changed while frozen"
+    changed = [k for k in start if not torch.equal(after2[k], after3[k])]
+    assert "0.0.weight" in changed and len(changed) > len(start) // 2
+
+
+def test_partial_freeze_keeps_lower_modules_fixed(image_folder, tmp_path, monkeypatch):
+    models_seen, snapshots = [], []
+    original = models.OreClassifier.set_frozen_depth
+
+    def spy(self, depth):
+        if not models_seen:
+            models_seen.append(self)
+            snapshots.append(backbone_state(self))
+        original(self, depth)
+
+    monkeypatch.setattr(models.OreClassifier, "set_frozen_depth", spy)
+    config = tiny_config(image_folder, tmp_path, epochs=2, freeze_epochs=0, freeze_depth=10)
+    run_experiment(config, report=lambda row, ckpt: snapshots.append(backbone_state(models_seen[0])))
+    start, end = snapshots[0], snapshots[-1]
+    low = [k for k in start if int(k.split(".")[0]) < 10]
+    high = [k for k in start if int(k.split(".")[0]) >= 10 and k.endswith("weight")]
+    assert all(torch.equal(start[k], end[k]) for k in low)
+    assert all(not torch.equal(start[k], end[k]) for k in high)
+
+
+def test_cached_features_match_the_uncached_path(image_folder, tmp_path):
+    """Training the head on cached feature maps computes what recomputing the backbone computes."""
+    runs = {}
+    for cached in (True, False):
+        rows = []
+        config = tiny_config(image_folder, tmp_path / str(cached), epochs=3, freeze_epochs=3, regime="tl_da",
+                             cache_features=cached)
+        result = run_experiment(config, report=lambda row, ckpt: rows.append(row))
+        runs[cached] = rows, result
+    (rows_c, res_c), (rows_u, res_u) = runs[True], runs[False]
+    for a, b in zip(rows_c, rows_u):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=2e-3)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=2e-3)
+    assert res_c["test_loss"] == pytest.approx(res_u["test_loss"], abs=2e-3)
 
 
 def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
