@@ -217,8 +217,9 @@ def paper_view(img: torch.Tensor, view: str, input_size: int, generator: torch.G
 
 
 def online_augment(strength: float, input_size: int) -> v2.Transform:
-    """The online policy: one knob in [0, 1]. Ore photos have no 'up', so vertical flips and any
-    rotation are fair; strength 0 is the plain evaluation view."""
+    """The online policy: one knob in [0, 1]. Ore photos have no 'up', so all 8 flips and right-angle
+    rotations are fair (and lossless, unlike arbitrary angles); hue is never shifted, since colour is
+    what tells malachite from chrysocolla. Strength 0 is the plain evaluation view."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
     if strength == 0:
@@ -228,8 +229,8 @@ def online_augment(strength: float, input_size: int) -> v2.Transform:
         v2.RandomResizedCrop(input_size, scale=(1.0 - 0.6 * s, 1.0), antialias=True),
         v2.RandomHorizontalFlip(0.5),
         v2.RandomVerticalFlip(0.5),
-        v2.RandomRotation(180 * s),
-        v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.4 * s, hue=0.05 * s),
+        v2.Lambda(lambda img: img.rot90(int(torch.randint(2, ())), (-2, -1))),  # with the flips: all 8
+        v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.3 * s),
     ])
 
 
