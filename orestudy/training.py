@@ -315,9 +315,10 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
         model.set_frozen_depth(depth)
         model.train()
         model.frozen_part(depth).eval()  # frozen means frozen BN statistics too, exactly what is cached
+        caches = {d: c for d, c in caches.items() if d == depth}  # other depths' outputs are done with
         if depth and config.cache_features:
-            if depth not in caches:  # outputs at another depth are never needed again: free them
-                caches = {depth: features.FeatureCache(config.cache or None, {**cache_key, "depth": depth})}
+            if depth not in caches:
+                caches[depth] = features.FeatureCache(config.cache or None, {**cache_key, "depth": depth})
             cache = caches[depth]
             if online is not None:  # random views cannot be cached: draw from a fixed bank per view
                 draws = torch.randint(config.aug_bank, (len(train_samples),), generator=gen).tolist()
