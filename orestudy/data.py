@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 from sklearn.model_selection import StratifiedGroupKFold
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def load_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def scan_folder(root: str | Path) -> tuple[list[ImageRecord], list[BadFile]]:
+def scan_folder(root: str | Path, progress: bool = False) -> tuple[list[ImageRecord], list[BadFile]]:
     """Every readable image under root/<class>/, plus the files that could not be read and why."""
     root = Path(root)
     if not root.is_dir():
@@ -69,19 +70,19 @@ def scan_folder(root: str | Path) -> tuple[list[ImageRecord], list[BadFile]]:
     if not class_dirs:
         raise ValueError(f"{root} has no class sub-folders; expected {root}/<class>/<images>")
     records, bad = [], []
-    for class_dir in class_dirs:
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            try:
-                data = path.read_bytes()
-                with Image.open(io.BytesIO(data)) as probe:
-                    fmt, mode = probe.format or "?", probe.mode
-                img = load_rgb(io.BytesIO(data))
-            except Exception as err:  # PIL raises many types for bad files; each is reported, not fatal
-                bad.append(BadFile(str(path), f"{type(err).__name__}: {err}"))
-                continue
-            records.append(ImageRecord(
-                path=str(path), label=class_dir.name, sha256=hashlib.sha256(data).hexdigest(),
-                phash=str(imagehash.phash(img)), width=img.width, height=img.height, format=fmt, mode=mode))
+    files = [(d, p) for d in class_dirs for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    for class_dir, path in tqdm(files, desc=f"reading {root.name}", unit="image", disable=not progress):
+        try:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as probe:
+                fmt, mode = probe.format or "?", probe.mode
+            img = load_rgb(io.BytesIO(data))
+        except Exception as err:  # PIL raises many types for bad files; each is reported, not fatal
+            bad.append(BadFile(str(path), f"{type(err).__name__}: {err}"))
+            continue
+        records.append(ImageRecord(
+            path=str(path), label=class_dir.name, sha256=hashlib.sha256(data).hexdigest(),
+            phash=str(imagehash.phash(img)), width=img.width, height=img.height, format=fmt, mode=mode))
     if not records:
         raise ValueError(f"no readable images under {root}")
     return records, bad

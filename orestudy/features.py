@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .data import ImageRecord, make_view, normalize
 
@@ -48,7 +49,7 @@ class FeatureCache:
     def _file(self, sha: str, view: str) -> Path:
         return self.dir / sha[:2] / f"{sha}_{view}.pt"
 
-    def fill(self, samples, compute) -> int:
+    def fill(self, samples, compute, progress: bool = False) -> int:
         """Make sure every sample's features are at hand; compute(list of samples) -> (B, C, H, W) for
         the missing ones. Returns how many were computed (not found in memory or on disk)."""
         missing = []
@@ -65,7 +66,8 @@ class FeatureCache:
                     path.unlink(missing_ok=True)
             missing.append((rec, view))
         unique = list({(r.sha256, v): (r, v) for r, v in missing}.values())
-        for start in range(0, len(unique), 64):
+        for start in tqdm(range(0, len(unique), 64), desc="frozen features", unit="batch", leave=False,
+                          disable=not progress or not unique):
             chunk = unique[start:start + 64]
             for (rec, view), feats in zip(chunk, compute(chunk)):
                 feats = feats.to(torch.float16).contiguous()

@@ -213,9 +213,9 @@ def unknown_threshold(confidence: np.ndarray, correct: np.ndarray, target_error:
 # One experiment
 
 @functools.lru_cache(maxsize=4)
-def scan_cached(root: str):
+def scan_cached(root: str, progress: bool = False):
     """Scanning decodes every file; a process (a Ray worker running many trials) does it once."""
-    return data.scan_folder(root)
+    return data.scan_folder(root, progress)
 
 
 def dataset_fingerprint(records) -> str:
@@ -231,9 +231,9 @@ class Prepared:
     manifest: Path
 
 
-def prepare_data(config: TrainConfig, run_dir: Path) -> Prepared:
+def prepare_data(config: TrainConfig, run_dir: Path, progress: bool = False) -> Prepared:
     root = Path(config.data)
-    records, bad = scan_cached(str(root))
+    records, bad = scan_cached(str(root), progress)
     for b in bad:
         print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
     # One manifest per (data set, seed) is shared by every run; each run keeps a copy beside it.
@@ -266,7 +266,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     progress = config.progress and sys.stderr.isatty()
 
-    prep = prepare_data(config, run_dir)
+    prep = prepare_data(config, run_dir, progress)
     spec = models.backbone_spec(config.backbone)
     size = config.image_size or spec.input_size
     if config.normalization == "train":
@@ -326,7 +326,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
                 needed = [(r, f"{v}+online{k}") for r, v in train_samples for k in range(config.aug_bank)]
             else:
                 epoch_samples = needed = train_samples
-            cache.fill(needed + val_samples, frozen_output(depth))
+            cache.fill(needed + val_samples, frozen_output(depth), progress)
             train_loader = batches(epoch_samples, train_labels, config.batch_size, cache.batch, gen)
             val_loader = batches(val_samples, prep.labels["val"], config.batch_size, cache.batch)
             forward = functools.partial(model.forward_from, depth)
