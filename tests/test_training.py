@@ -10,7 +10,7 @@ from orestudy.training import TrainConfig, run_experiment
 
 def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
     values = dict(data=str(folder), output=str(tmp_path / "runs"), cache=str(tmp_path / "cache"),
-                  regime="scratch", epochs=2, freeze_epochs=1, image_size=64, batch_size=8, threads=2,
+                  regime="scratch", epochs=2, freeze_epochs=1, image_size=64, batch_size=8, threads=1,
                   progress=False, mlflow=False)
     values.update(overrides)
     return TrainConfig(**values)
@@ -104,3 +104,26 @@ def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
     assert {"metrics.json", "confusion_matrix.png", "learning_curves.png", "best.pt"} <= artifacts
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_same_seed_same_run(image_folder, tmp_path):
+    histories = []
+    for attempt in ("a", "b"):
+        rows = []
+        run_experiment(tiny_config(image_folder, tmp_path / attempt, epochs=2, freeze_epochs=1, aug_strength=0.5),
+                       report=lambda row, ckpt: rows.append({k: v for k, v in row.items() if k != "epoch_seconds"}))
+        histories.append(rows)
+    assert histories[0] == histories[1]
+
+
+def test_bf16_autocast_agrees_with_fp32():
+    """bf16 is used only where the CPU (or GPU) runs it natively; where it is, it must not change answers."""
+    torch.manual_seed(0)
+    model = models.create_model("mobilenet_v2", 7, weights="imagenet", attention="se").eval()
+    x = torch.randn(16, 3, 96, 96)
+    with torch.no_grad():
+        fp32 = model(x).softmax(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x).float().softmax(1)
+    assert (fp32.argmax(1) == bf16.argmax(1)).float().mean() >= 0.9
+    assert (fp32 - bf16).abs().max() < 0.05
