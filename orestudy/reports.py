@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,6 +65,7 @@ def learning_curves(path: Path, history: list[dict], test_accuracy: float | None
         if frozen:
             ax.axvspan(min(frozen) - 0.5, max(frozen) + 0.5, color="grey", alpha=0.12, label="backbone frozen")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend()
     acc_ax.set_ylabel("accuracy")
     loss_ax.set_ylabel("loss")
