@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import imagehash
@@ -61,8 +62,10 @@ def load_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def scan_folder(root: str | Path, progress: bool = False) -> tuple[list[ImageRecord], list[BadFile]]:
-    """Every readable image under root/<class>/, plus the files that could not be read and why."""
+def scan_folder(root: str | Path, progress: bool = False,
+                cache_file: Path | None = None) -> tuple[list[ImageRecord], list[BadFile]]:
+    """Every readable image under root/<class>/, plus the files that could not be read and why.
+    With cache_file, files whose size and modification time are unchanged are not decoded again."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root} (set --data or ORESTUDY_DATA)")
@@ -71,7 +74,15 @@ def scan_folder(root: str | Path, progress: bool = False) -> tuple[list[ImageRec
         raise ValueError(f"{root} has no class sub-folders; expected {root}/<class>/<images>")
     records, bad = [], []
     files = [(d, p) for d in class_dirs for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    known = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
+    stamps = {}
     for class_dir, path in tqdm(files, desc=f"reading {root.name}", unit="image", disable=not progress):
+        stat = path.stat()
+        stamps[str(path)] = stamp = [stat.st_size, stat.st_mtime_ns]
+        cached = known.get(str(path))
+        if cached and cached["stamp"] == stamp and cached["label"] == class_dir.name:
+            records.append(ImageRecord(**{k: v for k, v in cached.items() if k != "stamp"}))
+            continue
         try:
             data = path.read_bytes()
             with Image.open(io.BytesIO(data)) as probe:
@@ -85,6 +96,11 @@ def scan_folder(root: str | Path, progress: bool = False) -> tuple[list[ImageRec
             phash=str(imagehash.phash(img)), width=img.width, height=img.height, format=fmt, mode=mode))
     if not records:
         raise ValueError(f"no readable images under {root}")
+    if cache_file:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({r.path: {**asdict(r), "stamp": stamps[r.path]} for r in records}))
+        os.replace(tmp, cache_file)
     return records, bad
 
 

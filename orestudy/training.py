@@ -213,9 +213,11 @@ def unknown_threshold(confidence: np.ndarray, correct: np.ndarray, target_error:
 # One experiment
 
 @functools.lru_cache(maxsize=4)
-def scan_cached(root: str, progress: bool = False):
-    """Scanning decodes every file; a process (a Ray worker running many trials) does it once."""
-    return data.scan_folder(root, progress)
+def scan_cached(root: str, progress: bool = False, cache: str = ""):
+    """Scanning decodes every file: a process (a Ray worker running many trials) does it once, and
+    with a cache folder later processes decode only what changed."""
+    cache_file = Path(cache) / "scans" / f"{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]}.json"
+    return data.scan_folder(root, progress, cache_file if cache else None)
 
 
 def dataset_fingerprint(records) -> str:
@@ -233,7 +235,7 @@ class Prepared:
 
 def prepare_data(config: TrainConfig, run_dir: Path, progress: bool = False) -> Prepared:
     root = Path(config.data)
-    records, bad = scan_cached(str(root), progress)
+    records, bad = scan_cached(str(root), progress, config.cache)
     for b in bad:
         print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
     # One manifest per (data set, seed) is shared by every run; each run keeps a copy beside it.

@@ -106,3 +106,17 @@ def test_paper_views_fixed_and_sized(image_folder):
     assert not (online[0] == online[1]).all()
     with pytest.raises(ValueError, match="strength"):
         data.online_augment(1.5, 32)
+
+
+def test_scan_cache_reuses_unchanged_files_only(image_folder, tmp_path, monkeypatch):
+    cache = tmp_path / "scan.json"
+    first, _ = data.scan_folder(image_folder, cache_file=cache)
+    decoded = []
+    real = data.load_rgb
+    monkeypatch.setattr(data, "load_rgb", lambda p: decoded.append(p) or real(p))
+    changed = image_folder / "pyrite" / "pyrite_0.jpg"
+    make_image((0, 0, 0), seed=7).save(changed, format="JPEG")
+    second, _ = data.scan_folder(image_folder, cache_file=cache)
+    assert len(decoded) == 1  # only the changed file was decoded again
+    assert [r.path for r in second] == [r.path for r in first]
+    assert {r.path for r, s in zip(first, second) if r.sha256 != s.sha256} == {str(changed)}
