@@ -127,3 +127,15 @@ def test_bf16_autocast_agrees_with_fp32():
             bf16 = model(x).float().softmax(1)
     assert (fp32.argmax(1) == bf16.argmax(1)).float().mean() >= 0.9
     assert (fp32 - bf16).abs().max() < 0.05
+
+
+def test_bad_options_are_named(capsys):
+    from orestudy import train
+
+    with pytest.raises(SystemExit):
+        train.main(["--regime", "fine_tune"])
+    assert "regime 'fine_tune'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="aug_strength"):
+        TrainConfig(aug_strength=2.0)
+    with pytest.raises(ValueError, match="unknown config keys.*'lrate'"):
+        TrainConfig.from_dict({"lrate": 0.1})
