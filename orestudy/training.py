@@ -163,8 +163,7 @@ def loss_of(output, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    return x.to(device, non_blocking=True)  # keeps the memory format its maker chose
 
 
 def train_one_epoch(forward: Callable, optimizer, loader, device, dtype, total: int, desc: str,
@@ -184,12 +183,20 @@ def train_one_epoch(forward: Callable, optimizer, loader, device, dtype, total: 
 
 
 @torch.no_grad()
-def evaluate(forward: Callable, loader, device, dtype) -> Evaluation:
-    """The one evaluation path: validation every epoch, the final test, and prediction."""
-    losses, labels, probs = [], [], []
-    for inputs, target in loader:
+def infer(forward: Callable, loader, device, dtype):
+    """(fp32 logits, rest) for each (inputs, rest) batch: the one forward path of evaluation (rest is
+    the labels) and prediction (rest is what identifies the images)."""
+    for inputs, rest in loader:
         with autocast(device, dtype):
-            logits = forward(to_device(inputs, device)).float()
+            logits = forward(to_device(inputs, device))
+        yield logits.float(), rest  # yielded outside autocast, so the caller's code never runs under it
+
+
+@torch.no_grad()
+def evaluate(forward: Callable, loader, device, dtype) -> Evaluation:
+    """The one evaluation path: validation every epoch and the final test."""
+    losses, labels, probs = [], [], []
+    for logits, target in infer(forward, loader, device, dtype):
         target = target.to(device)
         losses.append(F.cross_entropy(logits, target, reduction="sum").item())
         labels.append(target.cpu())
@@ -278,7 +285,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
     model = models.create_model(config.backbone, len(prep.class_names), config.weights, config.attention,
                                 config.reduction, config.dropout).to(device)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
     gen = torch.Generator().manual_seed(config.seed)
 
     views = train_views(config)
