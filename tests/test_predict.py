@@ -1,0 +1,153 @@
+import csv
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from orestudy import data, features, models, predict, training
+from conftest import COLOURS, make_image
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained on the generated colour classes (ImageNet MobileNetV2 frozen, so only the
+    head trains, in about a second): (image folder, run folder)."""
+    root = tmp_path_factory.mktemp("predict")
+    folder = root / "minerals"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        (folder / name).mkdir(parents=True)
+        for i in range(10):
+            make_image(colour, seed=100 * c + i).save(folder / name / f"{name}_{i}.png")
+    config = training.TrainConfig(data=str(folder), output=str(root / "runs"), cache="", regime="tl",
+                                  epochs=2, freeze_epochs=2, lr=1e-2, image_size=64, batch_size=8, threads=1,
+                                  progress=False, mlflow=False)
+    training.run_experiment(config)
+    return folder, root / "runs" / config.run_name()
+
+
+@pytest.fixture
+def noise(tmp_path):
+    """Uniform noise: a photo of no mineral at all."""
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def with_threshold(run_dir, tmp_path, threshold):
+    """A copy of the run's checkpoint with the given "unknown" threshold (None: a checkpoint without one)."""
+    ckpt = torch.load(run_dir / "best.pt", weights_only=False)
+    ckpt["best"]["unknown_threshold"] = threshold
+    if threshold is None:
+        del ckpt["best"]["unknown_threshold"]
+    path = tmp_path / f"threshold_{threshold}.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_rows_for_every_file_in_the_table_csv_and_json(trained, tmp_path, capsys):
+    folder, run_dir = trained
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    inputs = [str(folder), str(tmp_path / "corrupt.jpg"), str(tmp_path / "missing.png")]
+    # batch size 5: the two bad files make a last batch with no readable image
+    preds = predict.main(["--model", str(run_dir), *inputs, "--top-k", "2", "--batch-size", "5",
+                          "--output", str(tmp_path / "out.csv")])
+    _, meta = models.load_checkpoint(run_dir / "best.pt")
+    assert len(preds) == 32
+    good, bad = preds[:30], preds[30:]
+    for p in good:
+        assert p.answer in meta["class_names"] + [predict.UNKNOWN] and not p.error
+        assert len(p.top) == 2 and p.top[0][1] >= p.top[1][1] and p.top[0][1] == p.confidence
+        assert (p.answer == predict.UNKNOWN) == (p.confidence < meta["best"]["unknown_threshold"])
+    assert [p.path for p in bad] == inputs[1:]
+    assert "OSError" in bad[0].error and "FileNotFoundError" in bad[1].error
+    assert all(p.answer == "" and p.top == [] for p in bad)
+
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 1 + 32 and table[0].split()[:2] == ["file", "answer"]
+    assert table[-2].split()[1] == "UNREADABLE"
+    with (tmp_path / "out.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "answer", "confidence", "class_1", "p_1", "class_2", "p_2", "error"]
+    assert [r["answer"] for r in rows] == [p.answer for p in preds]
+    assert rows[-1]["error"] and rows[-1]["class_1"] == ""
+
+    predict.main(["--model", str(run_dir), *inputs, "--output", str(tmp_path / "out.json")])
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["unknown_threshold"] == meta["best"]["unknown_threshold"] and out["classes"] == meta["class_names"]
+    assert out["input_size"] == 64 and out["mean"] == meta["mean"]
+    assert len(out["predictions"]) == 32 and len(out["predictions"][0]["top_k"]) == 3
+    assert out["predictions"][-1]["confidence"] is None
+
+
+def test_probabilities_are_those_of_validation(trained):
+    """Prediction preprocesses as validation does (checkpoint's size, resize, crop, mean/std), and its
+    inference model (BatchNorm folded) answers as the trained one."""
+    folder, run_dir = trained
+    model, meta = models.load_checkpoint(run_dir / "best.pt")
+    records, _ = data.scan_folder(folder)
+    size, mean, std = meta["input_size"], meta["mean"], meta["std"]
+    loader = training.batches([(r, "identity") for r in records], [0] * len(records), 8,
+                              lambda smp: features.normalized_batch(smp, size, 0, 0.0, mean, std))
+    expected = training.evaluate(model, loader, torch.device("cpu"), None).probabilities
+    ready, _ = predict.load_model(str(run_dir))
+    preds = predict.predict(ready, meta, [r.path for r in records], threshold=None, top_k=3, batch_size=7)
+    got = np.array([[dict(p.top)[c] for c in meta["class_names"]] for p in preds])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_noise_is_unknown_when_the_stored_threshold_says_so(trained, noise, tmp_path):
+    folder, run_dir = trained
+    _, meta = models.load_checkpoint(run_dir / "best.pt")
+    threshold = meta["best"]["unknown_threshold"]  # chosen on validation by training
+    (plain,) = predict.main(["--model", str(run_dir), str(noise)])
+    assert plain.confidence < threshold and plain.answer == predict.UNKNOWN
+    # The stored threshold decides: just above the noise's confidence it is rejected, below it named.
+    above = with_threshold(run_dir, tmp_path, plain.confidence + 1e-4)
+    below = with_threshold(run_dir, tmp_path, plain.confidence - 1e-4)
+    image = str(next((folder / "malachite").iterdir()))
+    rejected, photo = predict.main(["--model", str(above), str(noise), image])
+    assert rejected.answer == predict.UNKNOWN and rejected.confidence == pytest.approx(plain.confidence, abs=1e-5)
+    assert (photo.answer == predict.UNKNOWN) == (photo.confidence < plain.confidence + 1e-4)
+    (named,) = predict.main(["--model", str(below), str(noise)])
+    assert named.answer == plain.top[0][0]
+
+
+def test_checkpoint_without_threshold_warns_and_never_says_unknown(trained, noise, tmp_path, capsys):
+    folder, run_dir = trained
+    old = with_threshold(run_dir, tmp_path, None)
+    preds = predict.main(["--model", str(old), str(noise), str(folder)])
+    assert "no 'unknown' threshold" in capsys.readouterr().err
+    assert all(p.answer in COLOURS for p in preds)
+
+
+def test_tta_averages_the_image_and_its_flips(trained, tmp_path):
+    folder, run_dir = trained
+    model, meta = models.load_checkpoint(run_dir / "best.pt")
+    paths = [str(p) for p in sorted((folder / "pyrite").iterdir())[:3]]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    ready, _ = predict.load_model(str(run_dir))
+    preds = list(predict.predict(ready, meta, paths + [str(tmp_path / "bad.png")], threshold=None, top_k=3,
+                                 tta=True, batch_size=3))
+    x = data.normalize(torch.stack([predict.eval_input(p, meta["input_size"]) for p in paths]), meta["mean"], meta["std"])
+    with torch.no_grad():
+        expected = torch.stack([model(v).softmax(1) for v in (x, x.flip(-1), x.flip(-2))]).mean(0)
+    got = np.array([[dict(p.top)[c] for c in meta["class_names"]] for p in preds[:3]])
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+    assert preds[3].error
+
+
+def test_mlflow_run_uri_is_the_same_model(trained, tmp_path, monkeypatch):
+    folder, run_dir = trained
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    runs.mkdir()
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("tiny", artifact_location=(runs / "artifacts").as_uri()))
+    client.log_artifact(run.info.run_id, str(run_dir / "best.pt"))
+    images = [str(folder / "azurite")]
+    from_uri = predict.main(["--model", f"runs:/{run.info.run_id}/model", "--runs", str(runs), *images])
+    assert from_uri == predict.main(["--model", str(run_dir / "best.pt"), *images])
