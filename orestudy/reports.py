@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scipy.stats  # noqa: E402
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
 
 
@@ -81,6 +84,67 @@ def write_run_report(run_dir: Path, history: list[dict], result: dict, class_nam
         writer.writeheader()
         writer.writerows(history)
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    confusion_figure(run_dir / "confusion_matrix.png", {f"test accuracy {result['accuracy']:.3f}":
-                                                        result["confusion_matrix"]}, class_names)
-    learning_curves(run_dir / "learning_curves.png", history, result["accuracy"], run_dir.name)
+    if "confusion_matrix" in result:  # a run that did not evaluate the test split has none
+        confusion_figure(run_dir / "confusion_matrix.png", {f"test accuracy {result['accuracy']:.3f}":
+                                                            result["confusion_matrix"]}, class_names)
+    learning_curves(run_dir / "learning_curves.png", history, result.get("accuracy"), run_dir.name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Studies: one cell's runs over seeds, summarised, and tables as Markdown
+
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion: where the accuracy of one model on one test
+    split of n images could lie, from test-set sampling alone (better than the normal interval near 1)."""
+    z = scipy.stats.norm.ppf(0.5 + confidence / 2)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def accuracy_summary(accuracies: list[float], n_test: list[int], confidence: float = 0.95) -> dict:
+    """Mean and sample standard deviation over seeds, and a confidence interval: Student's t over the
+    seeds when there are two or more (it covers split, initialisation and test-sampling variation), or
+    for a single run the Wilson interval of its one test split (test sampling only)."""
+    values = np.asarray(accuracies, dtype=float)
+    n, mean = len(values), float(values.mean())
+    if n >= 2:
+        std = float(values.std(ddof=1))
+        half = scipy.stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+        low, high, method = max(0.0, mean - half), min(1.0, mean + half), "t over seeds"
+    else:
+        std = float("nan")
+        low, high = wilson_interval(round(mean * n_test[0]), n_test[0], confidence)
+        method = f"Wilson, {n_test[0]} test images"
+    return {"n": n, "mean": mean, "std": std, "ci_low": low, "ci_high": high, "ci_method": method}
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    text = frame.astype(str).map(lambda s: s.replace("|", "\\|"))
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in text.itertuples(index=False)])
+
+
+def seed_comparison_figure(path: Path, accuracies: dict[str, dict[int, float]]) -> None:
+    """Test accuracy per seed of a few configurations side by side: a point per seed, a line joining
+    the same seed (split) across configurations, the mean ± one standard deviation in black. Whether
+    a difference holds split by split shows at a glance."""
+    labels = list(accuracies)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.8 * len(labels), 4))
+    for seed in sorted({s for per_seed in accuracies.values() for s in per_seed}):
+        xs = [i for i, label in enumerate(labels) if seed in accuracies[label]]
+        ax.plot(xs, [accuracies[labels[i]][seed] for i in xs], "o-", color="grey", alpha=0.5, lw=0.8, ms=4)
+        ax.annotate(str(seed), (xs[-1], accuracies[labels[xs[-1]]][seed]), textcoords="offset points",
+                    xytext=(6, -3), fontsize=7, color="grey")
+    for i, label in enumerate(labels):
+        values = np.array(list(accuracies[label].values()))
+        std = values.std(ddof=1) if len(values) > 1 else 0.0
+        ax.errorbar(i, values.mean(), yerr=std, fmt="_", ms=28, capsize=6, color="black")
+        ax.annotate(f"{values.mean():.3f}", (i, values.mean()), textcoords="offset points", xytext=(-40, -3), fontsize=8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlim(-0.7, len(labels) - 0.3)
+    ax.set_ylabel("test accuracy (one test split per seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

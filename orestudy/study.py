@@ -1,0 +1,227 @@
+"""Studies: many TrainConfigs as the trials of one Ray Tune run, on this machine or on a Ray cluster.
+
+`run_study(param_space, settings)` runs `train_trial` for every configuration Tune draws from
+param_space["config"] (a dict of TrainConfig fields, or Tune search spaces over them: a grid for
+`python -m orestudy.replicate`, a sampler for a search). Each trial is `training.run_experiment`,
+reporting every epoch to Tune with the best checkpoint, and logged to MLflow as a child of the study's
+run. `outcomes(results)` says how every trial ended: "ok", "skipped: ..." or "failed: ...".
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import ray
+from ray import tune
+
+from . import models, tracking
+from .training import TrainConfig, run_experiment
+
+SKIPPED_OFFLINE = "skipped: weights unavailable offline"
+UNFINISHED = "unfinished"
+
+LOCAL_OBJECT_STORE_BYTES = 100 * 2**20  # trials pass files, not objects: a small store is plenty
+
+
+@dataclass
+class StudySettings:
+    name: str                     # the study's folder under storage_path, and its MLflow run name
+    output: str = "runs"          # run folders live in output/name; the MLflow store in output/
+    storage_path: str = ""        # Tune's results and checkpoints: "" = output/ray_results; on a
+                                  # cluster a folder every node mounts, or a URI (s3://, gs://)
+    experiment: str = "orestudy"  # MLflow experiment
+    mlflow: bool = True
+    max_failures: int = 2         # retries of a trial that raised, before it counts as failed
+    cpus_per_trial: int = 0       # 0: a whole (smallest) node, or its share per GPU trial
+    gpus_per_trial: float = 0.0   # 0: one GPU where nodes have GPUs; a fraction shares one
+
+    def __post_init__(self):
+        self.output = str(Path(self.output).resolve())  # trials run in their own working folder
+        if not self.storage_path:
+            self.storage_path = str(Path(self.output) / "ray_results")
+        elif "://" not in self.storage_path:
+            self.storage_path = str(Path(self.storage_path).resolve())
+
+    @property
+    def path(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+
+def connect(address: str | None = None) -> bool:
+    """Join the Ray cluster at address ("auto": the one running here; RAY_ADDRESS is honoured, as
+    `ray job submit` sets it), or start Ray inside this process, sized to the cores it may use.
+    False when Ray was already initialised (and is left to whoever did it)."""
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    return True
+
+
+@contextlib.contextmanager
+def connected(address: str | None = None):
+    """connect() for the block; afterwards Ray is shut down if this started or joined it (a joined
+    cluster keeps running)."""
+    started = connect(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def trial_resources(settings: StudySettings) -> dict[str, float]:
+    """CPUs (and GPUs) per trial from the cluster's nodes, so trials never oversubscribe a node: on a
+    CPU-only machine one trial takes every core (on a 2-core laptop trials run one after another);
+    with GPUs each trial takes one GPU (or gpus_per_trial of one) and its share of that node's CPUs."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    gpu_nodes = [n for n in nodes if n.get("GPU", 0) > 0]
+    if gpu_nodes or settings.gpus_per_trial:
+        gpus = settings.gpus_per_trial or 1.0
+        node = min(gpu_nodes, key=lambda n: n.get("CPU", 0), default={"CPU": 1, "GPU": 1})
+        trials_per_node = max(1, int(node["GPU"] / gpus))
+        return {"cpu": settings.cpus_per_trial or max(1, int(node.get("CPU", 1)) // trials_per_node), "gpu": gpus}
+    cpu_nodes = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
+    if not cpu_nodes:
+        raise RuntimeError("the Ray cluster has no node with a CPU to run trials on")
+    return {"cpu": settings.cpus_per_trial or min(cpu_nodes)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One trial
+
+def train_trial(params: dict, tracking_uri: str = "") -> None:
+    """A Tune trial: run_experiment(params["config"]) with as many threads as CPUs the trial holds.
+    Every epoch is reported with tune.report; when validation improved, with best.pt as a checkpoint.
+    The last report carries the test result and the whole run folder as the final checkpoint, or,
+    when the backbone's ImageNet weights are not available offline, the skip and its reason: a skip
+    returns normally, so it is never retried."""
+    if tracking_uri:  # the driver's store, wherever this trial runs
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 0)
+    config = TrainConfig.from_dict({**params["config"], "threads": int(cpus), "progress": False})
+
+    def report(row: dict, checkpoint_path: Path | None) -> None:
+        if checkpoint_path is None:
+            tune.report(row)
+            return
+        with tempfile.TemporaryDirectory() as folder:  # report() copies it to storage before returning
+            shutil.copy(checkpoint_path, folder)
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    try:
+        result = run_experiment(config, report)
+    except models.WeightsUnavailable as err:
+        tune.report({"status": SKIPPED_OFFLINE, "reason": str(err)})
+        return
+    final = {k: result[k] for k in ("accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
+                                    "wall_seconds", "confusion_matrix", "class_names", "run_dir") if k in result}
+    tune.report({"status": "ok", **final, "node_id": ray.get_runtime_context().get_node_id()},
+                checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
+
+
+def run_name(trial) -> str:
+    return TrainConfig.from_dict(trial.config["config"]).run_name()
+
+
+def trial_dirname(trial) -> str:
+    return f"{run_name(trial)}_{trial.trial_id}"
+
+
+class TrialLog(tune.Callback):
+    """One line per trial as it ends, for people (and tests) following a long study."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        accuracy = f" test accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+        print(f"[study] trial {run_name(trial)} finished: {result.get('status', UNFINISHED)}{accuracy}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[study] trial {run_name(trial)} failed after {trial.num_failures} attempts", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The study
+
+def start_parent_run(settings: StudySettings, params: dict, resume: bool) -> str:
+    """The study's MLflow run, whose nested children are the trials; on resume, the one already made."""
+    experiment_id = tracking.configure(settings.output, settings.experiment)
+    client = mlflow.MlflowClient()
+    if resume:
+        found = client.search_runs([experiment_id], f"tags.`orestudy.study` = '{settings.path}'", max_results=1)
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    run = client.create_run(experiment_id, tags={"mlflow.runName": settings.name, "orestudy.study": settings.path})
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def finish_parent_run(run_id: str, files: list[Path], metrics: dict[str, float], finished: bool) -> None:
+    client = mlflow.MlflowClient()
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
+
+
+def check_state(settings: StudySettings, resume: bool) -> None:
+    """A new study must not overwrite one at its path; a resumed one must exist."""
+    exists = tune.Tuner.can_restore(settings.path)
+    if resume and not exists:
+        raise FileNotFoundError(f"no study to resume at {settings.path}")
+    if exists and not resume:
+        raise FileExistsError(f"a study already exists at {settings.path}")
+
+
+def run_study(param_space: dict, settings: StudySettings, resume: bool = False) -> tune.ResultGrid:
+    """Run (or, with resume, continue) the study; call connect() first. A trial that raises is retried
+    max_failures times, then reported as failed while the others go on. Resuming keeps finished
+    trials, restarts unfinished and failed ones from their first epoch, and keeps the saved param_space."""
+    check_state(settings, resume)
+    tracking_uri = mlflow.get_tracking_uri() if settings.mlflow else ""
+    trainable = tune.with_resources(tune.with_parameters(train_trial, tracking_uri=tracking_uri),
+                                    trial_resources(settings))
+    if resume:
+        tuner = tune.Tuner.restore(settings.path, trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            # A reused worker keeps its decoded images and data scan from one trial to the next.
+            tune_config=tune.TuneConfig(trial_name_creator=run_name, trial_dirname_creator=trial_dirname,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=settings.name, storage_path=settings.storage_path, callbacks=[TrialLog()], verbose=1,
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    return tuner.fit()
+
+
+def outcomes(results: tune.ResultGrid) -> list[dict]:
+    """Per trial: its TrainConfig fields (None if it never started), status ("ok", "skipped: ...",
+    "failed: <error>" or "unfinished"), its last report (the test result when ok), its per-epoch rows
+    and its last checkpoint."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        if result.error is not None:
+            lines = [line for line in str(result.error).splitlines() if line.strip()]
+            status = f"failed: {lines[-1].strip() if lines else type(result.error).__name__}"
+        else:
+            status = metrics.get("status", UNFINISHED)
+        history = result.metrics_dataframe
+        epochs = [] if history is None or "epoch" not in history else history[history["epoch"].notna()]
+        if len(epochs):  # a retried or resumed trial starts again at epoch 1: its last attempt counts
+            epochs = epochs.loc[epochs.index[epochs["epoch"] == 1][-1]:].to_dict("records")
+        config = (result.config or {}).get("config")  # None: the trial never started (interrupted study)
+        rows.append({"config": config, "status": status, "metrics": metrics,
+                     "history": epochs, "checkpoint": result.checkpoint})
+    return rows

@@ -1,0 +1,255 @@
+"""The paper's grid as a Ray Tune study: grid expansion, statistics, skipped and failed trials, resume."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import scipy.stats
+import yaml
+
+from orestudy import replicate, reports, study
+from orestudy.data import REPO_ROOT
+
+# Three tiny cells: one trains, one needs ImageNet weights that are not here, one reads a folder that
+# does not exist (a trial that raises).
+TINY_GRID = {
+    "paper": {"epochs": 2, "lr": 1e-3, "batch_size": 8, "dropout": 0.5, "reduction": 4, "image_size": 64},
+    "seeds": [1],
+    "schedules": {"frozen": 2, "unfrozen": 0, "half": 1},
+    "tables": {"tiny": {"title": "Tiny table", "cells": [
+        {"backbone": "mobilenet_v2", "regime": "scratch", "schedule": "unfrozen"},
+        {"backbone": "resnet50", "regime": "tl", "schedule": "frozen"},
+        {"backbone": "mobilenet_v2", "regime": "scratch", "schedule": "half", "data": "/nonexistent/minerals"},
+    ]}},
+}
+
+
+def tiny_study(folder: Path, tmp: Path, *extra: str, grid: dict = TINY_GRID) -> list[str]:
+    path = tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return ["--grid", str(path), "--data", str(folder), "--output", str(tmp / "runs"),
+            "--cache", str(tmp / "cache"), "--max-failures", "1", *extra]
+
+
+def mlflow_runs(output: Path) -> list:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("orestudy").experiment_id])
+
+
+def study_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "TUNE_DISABLE_SIGINT_HANDLER")}
+    return {**env, "ORESTUDY_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grid
+
+def paper_grid():
+    return yaml.safe_load(replicate.GRID.read_text()), yaml.safe_load(replicate.PUBLISHED.read_text())
+
+
+def test_paper_grid_has_the_papers_tables_and_the_v1_rows():
+    grid, published = paper_grid()
+    cells = replicate.grid_cells(grid)
+    table3 = [c for c in cells if c.table == "table3"]
+    table4 = [c for c in cells if c.table == "table4"]
+    assert len(table3) == 6 * 3 and len(table4) == 2 * 3 * 3
+    assert {c.backbone for c in table4} == {"mobilenet_v2", "mobilenet_v1"}
+    assert {c.row for c in table4} == {"tl", "tl_da", "tl_da_se"}
+    assert all(c.schedule == ("unfrozen" if c.regime == "scratch" else "frozen") for c in table3)
+
+    shared = {**grid["paper"], "mlflow": False}
+    configs = replicate.trial_configs(grid, cells, [231], shared)
+    assert len(configs) == 36 - 4  # Table IV's frozen TL and TL+DA rows are Table III's: run once
+    assert {(c["epochs"], c["lr"], c["batch_size"], c["dropout"], c["reduction"], c["seed"]) for c in configs} \
+        == {(20, 1e-4, 32, 0.5, 8, 231)}
+    assert len(replicate.trial_configs(grid, cells, [231, 1, 2, 3, 4], shared)) == 5 * 32
+    every_trial = {json.dumps(c, sort_keys=True) for c in configs}
+    for cell in cells:  # every cell finds its trial
+        assert sum(json.dumps(c, sort_keys=True) in every_trial and replicate.belongs(c, cell, grid)
+                   for c in configs) == 1
+
+    def value(source, table, backbone, row, schedule):
+        (cell,) = [c for c in cells if (c.table, c.backbone, c.row, c.schedule) == (table, backbone, row, schedule)]
+        return replicate.published_value(published, source, cell)
+
+    assert value("zhou2022", "table3", "alexnet", "tl", "frozen") is None
+    assert value("replication", "table3", "alexnet", "tl", "frozen") == 0.812
+    assert value("zhou2022", "table4", "mobilenet_v2", "tl_da_se", "frozen10") == 0.9689
+    assert value("replication", "table4", "mobilenet_v2", "tl_da_se", "frozen") == 0.9319
+    assert value("replication", "table4", "mobilenet_v2", "tl_da_se", "unfrozen") == 0.9005
+    assert value("replication", "table4", "mobilenet_v2", "tl_da_se", "frozen10") is None
+
+
+def test_filters_and_budget_scale_the_freezing_schedule():
+    grid, _ = paper_grid()
+    cells = replicate.select(replicate.grid_cells(grid), only=["table4"], backbones=["mobilenet_v2"])
+    configs = replicate.trial_configs(grid, cells, [231, 1], {**grid["paper"], "epochs": 2})
+    assert len(configs) == 9 * 2
+    assert sorted({c["freeze_epochs"] for c in configs}) == [0, 1, 2]  # unfrozen, frozen10 -> 1 of 2, frozen
+    assert [c["seed"] for c in configs[:9]] == [231] * 9  # every cell once before any repeat
+    # One epoch: frozen for "the first 10 of 20" is frozen throughout, the same trial as "frozen".
+    tl = replicate.select(cells, rows=["tl"], schedules=["frozen", "frozen10"])
+    (one,) = replicate.trial_configs(grid, tl, [231], {**grid["paper"], "epochs": 1})
+    assert all(replicate.belongs(one, cell, grid) for cell in tl)
+
+
+def test_accuracy_summary_t_over_seeds_and_wilson_for_one_run():
+    values = [0.90, 0.93, 0.88, 0.95, 0.91]
+    s = reports.accuracy_summary(values, [171] * 5)
+    half = scipy.stats.t.ppf(0.975, 4) * s["std"] / 5 ** 0.5
+    assert s["n"] == 5 and s["mean"] == pytest.approx(0.914) and s["ci_method"] == "t over seeds"
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((0.914 - half, 0.914 + half))
+    one = reports.accuracy_summary([180 / 193], [193])
+    assert one["n"] == 1 and one["ci_method"] == "Wilson, 193 test images"
+    assert one["ci_low"] < 180 / 193 < one["ci_high"]
+    assert 0.03 < (one["ci_high"] - one["ci_low"]) / 2 < 0.04  # the issue's "±3 pp" for one split
+    assert reports.wilson_interval(50, 50)[1] == pytest.approx(1.0)
+
+
+def test_bad_options_are_named(image_folder, capsys):
+    for argv, message in ((["--backbones", "resnet51"], "unknown ['resnet51']"),
+                          (["--set", "seed=3"], "'seed' is not a TrainConfig field the study leaves free"),
+                          (["--set", "image_size=big"], "invalid field_value value"),
+                          (["--data", "/nonexistent"], "data folder not found"),
+                          (["--resume", "--name", "never-ran"], "no study to resume")):
+        with pytest.raises(SystemExit):
+            replicate.main(["--data", str(image_folder), *argv])
+        assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# A study: trained, skipped and failing cells side by side
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    from conftest import COLOURS, make_image
+
+    tmp = tmp_path_factory.mktemp("study")
+    folder = tmp / "minerals"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        (folder / name).mkdir(parents=True)
+        for i in range(10):
+            make_image(colour, seed=100 * c + i).save(folder / name / f"{i}.png")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ORESTUDY_OFFLINE", "1")
+        mp.setenv("TORCH_HOME", str(tmp / "empty_torch_home"))  # no cached ImageNet weights for resnet50
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        code = replicate.main(tiny_study(folder, tmp, "--name", "tiny"))
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exported it
+    return code, tmp
+
+
+@pytest.mark.slow
+def test_study_reports_ok_skipped_and_failed_cells(tiny_results):
+    code, tmp = tiny_results
+    assert code == 0
+    rows = {(r["backbone"], r["schedule"]): r for r in
+            pd.read_csv(tmp / "runs" / "tiny" / "report" / "tiny.csv").to_dict("records")}
+    ok = rows[("mobilenet_v2", "unfrozen")]
+    assert ok["status"] == "ok" and ok["n"] == 1 and ok["ci_method"] == "Wilson, 6 test images"
+    assert ok["ci_low"] <= ok["mean"] <= ok["ci_high"]
+    skipped = rows[("resnet50", "frozen")]
+    assert skipped["status"] == study.SKIPPED_OFFLINE and skipped["n"] == 0 and pd.isna(skipped["mean"])
+    failed = rows[("mobilenet_v2", "half")]
+    assert failed["status"].startswith("failed: ") and "data folder not found" in failed["status"]
+    report = (tmp / "runs" / "tiny" / "report" / "report.md").read_text()
+    assert "| MobileNetV2 | Scratch | trained |" in report and "skipped: weights unavailable offline" in report
+    assert (tmp / "runs" / "tiny" / "report" / "learning_curves_mobilenet_v2.png").exists()
+
+
+@pytest.mark.slow
+def test_trials_report_epochs_and_checkpoints_through_tune(tiny_results):
+    _, tmp = tiny_results
+    trial_dirs = {d.name.rsplit("_", 2)[0]: d for d in (tmp / "runs" / "ray_results" / "tiny").iterdir() if d.is_dir()}
+    for seed in TINY_GRID["seeds"]:
+        trained = trial_dirs[f"mobilenet_v2_scratch_f0_e2_s{seed}"]
+        results = [json.loads(line) for line in (trained / "result.json").read_text().splitlines()]
+        assert [r.get("epoch") for r in results] == [1, 2, None] and results[-1]["status"] == "ok"
+        (final,) = trained.glob("checkpoint_*")  # num_to_keep=1: the finished run's folder
+        assert {"best.pt", "metrics.json", "history.csv"} <= {p.name for p in final.iterdir()}
+        # A skip is one report and no error: it used none of the retries.
+        skipped = trial_dirs[f"resnet50_tl_f2_e2_s{seed}"]
+        (only,) = [json.loads(line) for line in (skipped / "result.json").read_text().splitlines()]
+        assert only["status"] == study.SKIPPED_OFFLINE and "resnet50" in only["reason"]
+        assert not (skipped / "error.txt").exists()
+        # A trial that raises is tried 1 + max_failures times, then reported failed.
+        failing = trial_dirs[f"mobilenet_v2_scratch_f1_e2_s{seed}"]
+        assert (failing / "error.txt").read_text().count("Failure #") == 2
+
+
+@pytest.mark.slow
+def test_study_is_a_parent_mlflow_run_with_a_child_per_trained_trial(tiny_results):
+    _, tmp = tiny_results
+    runs = mlflow_runs(tmp / "runs")
+    (parent,) = [r for r in runs if r.info.run_name == "tiny"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert [r.info.run_name for r in children if r.info.status == "FINISHED"] == ["mobilenet_v2_scratch_f0_e2_s1"]
+    assert all("test_accuracy" in r.data.metrics for r in children if r.info.status == "FINISHED")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_ok"] == 1
+    artifacts = {a.path for a in mlflow.MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}").list_artifacts(
+        parent.info.run_id)}
+    assert {"report.md", "tiny.csv", "learning_curves_mobilenet_v2.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_a_finished_study_is_not_started_again(tiny_results, capsys):
+    _, tmp = tiny_results
+    with pytest.raises(SystemExit):
+        replicate.main(tiny_study(tmp / "minerals", tmp, "--name", "tiny"))
+    assert "a study already exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interrupt a study after its first trial, then resume it
+
+def finished_trials(output: str) -> list[str]:
+    return re.findall(r"\[study\] trial (\S+) finished: ok", output)
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_without_rerunning_finished_trials(image_folder, tmp_path):
+    grid = {**TINY_GRID, "tables": {"tiny": {"title": "Tiny", "cells": TINY_GRID["tables"]["tiny"]["cells"][:1]}}}
+    command = [sys.executable, "-m", "orestudy.replicate", "--seeds", "1,2", "--name", "resumable",
+               *tiny_study(image_folder, tmp_path, grid=grid)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=study_env(),
+                             cwd=REPO_ROOT, start_new_session=True)
+    lines = []
+    try:
+        for line in first.stdout:
+            lines.append(line)
+            if finished_trials(line):
+                first.send_signal(signal.SIGINT)  # Ctrl-C, once the first trial is done
+                break
+        lines.append(first.communicate(timeout=180)[0])
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    before = "".join(lines)
+    done = finished_trials(before)
+    assert first.returncode == 1 and "--resume" in before, before[-3000:]
+    assert len(done) == 1
+
+    second = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=study_env(), cwd=REPO_ROOT,
+                            timeout=300)
+    after = second.stdout + second.stderr
+    assert second.returncode == 0, after[-3000:]
+    rerun = finished_trials(after)
+    assert not set(done) & set(rerun) and sorted(done + rerun) == [f"mobilenet_v2_scratch_f0_e2_s{s}" for s in (1, 2)]
+    assert not any(f"[{name}] epoch" in after for name in done)
+    assert "n=2; 95% CI" in (tmp_path / "runs" / "resumable" / "report" / "report.md").read_text()
+
+    runs = mlflow_runs(tmp_path / "runs")
+    (parent,) = [r for r in runs if r.info.run_name == "resumable"]  # the resumed study kept its run
+    assert parent.info.status == "FINISHED"
+    finished = sorted(r.info.run_name for r in runs if r.info.status == "FINISHED" and r is not parent
+                      and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert finished == [f"mobilenet_v2_scratch_f0_e2_s{s}" for s in (1, 2)]  # each trained to the end once
