@@ -35,8 +35,9 @@ def flat_metrics(result: dict) -> dict[str, float]:
     metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for name, scores in result.get("per_class", {}).items():
         metrics.update({f"test_{key}_{name}": float(value) for key, value in scores.items() if key != "support"})
-    metrics["test_accuracy"] = metrics.pop("accuracy")
-    metrics["test_macro_f1"] = metrics.pop("macro_f1")
+    for key in ("accuracy", "macro_f1"):  # absent when the run did not evaluate the test split
+        if key in metrics:
+            metrics[f"test_{key}"] = metrics.pop(key)
     return metrics
 
 

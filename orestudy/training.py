@@ -64,6 +64,7 @@ class TrainConfig:
     experiment: str = "orestudy"
     parent_run: str = ""            # MLflow run id of the study this run belongs to
     progress: bool = True
+    evaluate_test: bool = True      # False in search trials: the test split stays unseen until the chosen config is retrained
 
     def __post_init__(self):
         if self.regime not in REGIMES:
@@ -373,17 +374,22 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
                                                   config.unknown_target_error)
     best["unknown_target_error"] = config.unknown_target_error
     models.save_checkpoint(run_dir / "best.pt", model, prep.class_names, size, mean, std, asdict(config), best)
-    test_samples = [(r, "identity") for r in prep.records["test"]]
-    test = evaluate(model, batches(test_samples, prep.labels["test"], config.batch_size, images), device, dtype)
-    result = reports.classification_metrics(test.labels, test.predictions, prep.class_names)
+    result = {}
+    if config.evaluate_test:
+        test_samples = [(r, "identity") for r in prep.records["test"]]
+        test = evaluate(model, batches(test_samples, prep.labels["test"], config.batch_size, images), device, dtype)
+        result = reports.classification_metrics(test.labels, test.predictions, prep.class_names)
+        result["test_loss"] = test.loss
     result.update({
-        "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"], "test_loss": test.loss,
+        "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
         "wall_seconds": time.time() - started, "threads": threads, "device": str(device),
         "precision": str(dtype or "fp32"), "n_train": len(prep.records["train"]), "n_val": len(prep.records["val"]),
         "n_test": len(prep.records["test"]), "n_train_samples": len(train_samples),
         "unreadable_files": [asdict(b) for b in prep.bad_files], "run_dir": str(run_dir)})
     reports.write_run_report(run_dir, history, result, prep.class_names)
     tracker.finish(result, run_dir, model)
-    print(f"[{config.run_name()}] test accuracy {result['accuracy']:.4f} macro-F1 {result['macro_f1']:.4f} "
-          f"(best epoch {best['epoch']}, {result['wall_seconds']:.0f}s) -> {run_dir}", file=sys.stderr)
+    tested = f"test accuracy {result['accuracy']:.4f} macro-F1 {result['macro_f1']:.4f}" if config.evaluate_test \
+        else f"best val accuracy {best['val_accuracy']:.4f}, test not evaluated"
+    print(f"[{config.run_name()}] {tested} (best epoch {best['epoch']}, {result['wall_seconds']:.0f}s) -> {run_dir}",
+          file=sys.stderr)
     return result

@@ -1,0 +1,170 @@
+import json
+
+import mlflow
+import optuna
+import pytest
+import ray
+
+from orestudy import search, study
+
+TINY_SPACE = """
+description: tiny search on generated images
+params:
+  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
+  dropout: {type: float, low: 0.0, high: 0.5}
+  attention: {type: categorical, choices: [none, se, cbam, eca]}
+  reduction: {type: categorical, choices: [2, 4]}
+fixed: {regime: scratch, image_size: 64, batch_size: 8, freeze_epochs: 1}
+budget: {epochs: 2, grace_epochs: 1, reduction_factor: 2, trials: 1}
+baseline: {attention: se, reduction: 4, lr: 1.0e-3, epochs: 2}
+"""
+
+
+@pytest.mark.parametrize("name", ["se_ablation", "se_ablation_cpu"])
+def test_shipped_spaces_load(name):
+    space = search.load_space(name)
+    assert {"attention", "reduction", "freeze_epochs", "aug_strength", "lr", "dropout"} <= set(space.params)
+    assert space.baseline_config()["attention"] == "se" and space.trials >= 30
+
+
+@pytest.mark.parametrize("text, where", [
+    ("params: {lr: {type: loguniform, low: 1e-5, high: 1.0e-3}}\nbudget: {epochs: 3}", "params.lr: .*1.0e-4"),
+    ("params: {attention: {type: categorical, choices: [se, sqex]}}\nbudget: {epochs: 3}", "params.attention: .*sqex"),
+    ("params: {seed: {type: int, low: 1, high: 3}}\nbudget: {epochs: 3}", "params.seed: cannot be searched"),
+    ("params: {dropout: {type: uniform, low: 0, high: 1}}\nbudget: {epochs: 3}", "params.dropout.type"),
+    ("params: {dropout: {type: float, low: 0, high: 0.5}}\nfixed: {data: /x}\nbudget: {epochs: 3}", "fixed.data"),
+    ("params: {dropout: {type: float, low: 0, high: 0.5}}\nbudget: {epochs: 3, grace_epochs: 4}", "budget.grace_epochs"),
+    ("params: {dropout: {type: float, low: 0, high: 0.5}}", "budget: missing"),
+])
+def test_space_errors_name_file_and_key(tmp_path, text, where):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(search.SearchSpaceError, match=f"bad.yaml: {where}"):
+        search.load_space(str(path))
+
+
+@pytest.fixture
+def ray_local():
+    study.connect()
+    yield
+    ray.shutdown()
+
+
+def finished_params(found):
+    return [tuple(sorted(t.params.items())) for t in search.finished(found)]
+
+
+@pytest.mark.slow
+def test_tiny_search_resumes_and_retrains(image_folder, tmp_path, monkeypatch, ray_local, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    space_file = tmp_path / "tiny.yaml"
+    space_file.write_text(TINY_SPACE)
+    out = tmp_path / "runs"
+    common = [str(space_file), "--output", str(out), "--data", str(image_folder), "--cache", str(tmp_path / "cache"),
+              "--experiment", "tiny-search"]
+
+    search.main(common + ["--seeds"])  # 1 trial (the space's budget), no retraining
+    storage = f"sqlite:///{out / 'tiny' / 'optuna.db'}"
+    found = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(search.finished(found)) == 1
+    with pytest.raises(SystemExit):  # a search that exists is only continued on purpose
+        search.main(common + ["--seeds"])
+    assert "--resume continues it" in capsys.readouterr().err
+
+    # A session that runs out of time leaves its trial running in the study (as a killed one would):
+    # resuming runs that configuration again first, then new ones up to the target; no finished
+    # configuration is run twice (a sampler seeded as in the first session would propose that
+    # session's first configuration again).
+    search.main(common + ["--resume", "--trials", "3", "--time-budget", "3s", "--seeds"])
+    found = optuna.load_study(study_name="tiny", storage=storage)
+    (interrupted,) = [t for t in found.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(search.finished(found)) == 1
+    summary = search.main(common + ["--resume", "--trials", "3", "--seeds", "1", "2"])
+    found = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(search.finished(found)) == 3
+    assert len(set(finished_params(found))) == 3
+    retry = [t for t in found.trials if t.user_attrs.get("retry_of") == interrupted.number]
+    assert len(retry) == 1 and retry[0].params == interrupted.params and retry[0].state in search.FINISHED
+
+    # Search trials are validated, never tested; only the retraining runs see the test split.
+    for t in search.finished(found):
+        run_dir = out / "tiny" / search.trial_name("tiny", t.number)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert "accuracy" not in metrics and "confusion_matrix" not in metrics
+        assert not (run_dir / "confusion_matrix.png").exists()
+    best = summary["best"]
+    assert best["val_accuracy"] == max(t.value for t in found.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    for label in summary["retrained"]:
+        per_seed = summary["retrained"][label]["per_seed"]
+        assert sorted(per_seed) == [1, 2] and all(0 <= a <= 1 for a in per_seed.values())
+    assert {"best", "baseline"} == {label.split()[0] for label in summary["retrained"]}
+    report = (out / "tiny" / "report.md").read_text()
+    assert "Best configuration" in report and "mean ± std" in report and "No search trial evaluated the test" in report
+    for figure in ("parallel_coordinate.png", "slice.png", "retrained.png"):
+        assert (out / "tiny" / figure).stat().st_size > 0
+
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("tiny-search")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "tiny"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trial_runs = [r for r in children if r.info.run_name.startswith("tiny-")]
+    retrain_runs = [r for r in children if r.info.run_name.endswith(("-s1", "-s2"))]
+    assert len(retrain_runs) == 4
+    status = {r.info.run_name: r.info.status for r in trial_runs}
+    assert all(status[search.trial_name("tiny", t.number)] in ("FINISHED", "KILLED") for t in search.finished(found))
+    assert "RUNNING" not in status.values()  # a trial Tune stopped (ASHA, time budget) ends its run as KILLED
+    assert not any(k.startswith("test_") for r in trial_runs for k in r.data.metrics)
+    assert all("test_accuracy" in r.data.metrics for r in retrain_runs)
+    assert parent.data.metrics["best_test_accuracy_mean"] == pytest.approx(summary["retrained"][
+        next(label for label in summary["retrained"] if label.startswith("best"))]["mean"])
+    assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_backbone_without_weights_is_refused_before_searching(tmp_path, monkeypatch):
+    from orestudy import models
+
+    monkeypatch.setenv("ORESTUDY_OFFLINE", "1")  # no download attempt
+    try:
+        models.create_model("vgg16", 2, "imagenet")
+        pytest.skip("vgg16's ImageNet weights are installed here")
+    except models.WeightsUnavailable:
+        pass
+    path = tmp_path / "vgg.yaml"
+    path.write_text("params: {backbone: {type: categorical, choices: [mobilenet_v2, vgg16]}}\n"
+                    "fixed: {regime: tl}\nbudget: {epochs: 2}")
+    with pytest.raises(search.SearchSpaceError, match="vgg.yaml: params: backbone vgg16: ImageNet weights"):
+        search.check_weights(search.load_space(str(path)))
+
+
+def test_trials_stopped_early_are_pruned_not_complete(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    space = search.load_space("se_ablation_cpu")
+    searcher = search.TPESearch(space.params, metric=search.METRIC, mode="max", study_name="s", storage=storage,
+                                search="s", epochs=3)
+    configs = [searcher.suggest(trial_id) for trial_id in ("a", "b")]
+    assert [c["config"]["name"] for c in configs] == ["s-000", "s-001"]
+    assert set(configs[0]["config"]) == set(space.params) | {"name"}
+    last = {"best_epoch": 1, "best_val_loss": 0.4}
+    searcher.on_trial_complete("a", {**last, search.METRIC: 0.8, "epoch": 1})  # ASHA stopped it at epoch 1
+    searcher.on_trial_complete("b", {**last, search.METRIC: 0.7, "epoch": 3})
+    a, b = optuna.load_study(study_name="s", storage=storage).trials
+    assert (a.state, a.value, a.user_attrs["epochs_run"]) == (optuna.trial.TrialState.PRUNED, 0.8, 1)
+    assert (b.state, b.value, b.user_attrs["epochs_run"]) == (optuna.trial.TrialState.COMPLETE, 0.7, 3)
+    assert search.best_trial(optuna.load_study(study_name="s", storage=storage)).number == b.number
+
+
+def test_stopped_trial_ends_its_mlflow_run(tmp_path, monkeypatch):
+    from orestudy import tracking
+    from orestudy.training import TrainConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = {}
+    for name in ("t-000", "t-001"):
+        config = TrainConfig(output=str(tmp_path), name=name, experiment="stop", regime="scratch")
+        runs[name] = tracking.Tracker.start(config, tmp_path / name).run_id
+    search.end_stopped_runs("stop", "run_dir", str((tmp_path / "t-000").resolve()))
+    client = mlflow.MlflowClient()
+    assert [client.get_run(runs[n]).info.status for n in ("t-000", "t-001")] == ["KILLED", "RUNNING"]
