@@ -1,6 +1,6 @@
 """Exploratory data analysis of an ore image folder (the paper's section III, Fig. 1-4).
 
-    python -m orestudy.eda --data ../shared/data/minerals --output reports/eda
+    python -m orestudy.eda --data ../shared/data/minerals --output runs/eda
 
 Writes to the output folder, and logs as one MLflow run (experiment "orestudy-eda"):
 class_counts.png (images per class, imbalance ratio), samples.png (one random photo per class),
@@ -306,7 +306,7 @@ def log_to_mlflow(output: Path, stats: dict, runs: str, experiment: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=data.default_data_root())
-    parser.add_argument("--output", type=Path, default=Path("reports/eda"))
+    parser.add_argument("--output", type=Path, default=Path("runs/eda"))
     parser.add_argument("--input-size", type=int, default=224, help="model input size the mean/std are taken at")
     parser.add_argument("--seed", type=int, default=0, help="which photo of each class is shown")
     parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True)

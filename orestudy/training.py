@@ -380,6 +380,12 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
         test = evaluate(model, batches(test_samples, prep.labels["test"], config.batch_size, images), device, dtype)
         result = reports.classification_metrics(test.labels, test.predictions, prep.class_names)
         result["test_loss"] = test.loss
+        # What the stored threshold does to unseen photos: how many get an answer, and how often it is right.
+        answered = test.probabilities.max(1) >= best["unknown_threshold"]
+        result["unknown_threshold"] = best["unknown_threshold"]
+        result["test_answered_share"] = float(answered.mean())
+        result["test_answered_accuracy"] = float((test.predictions == test.labels)[answered].mean()) \
+            if answered.any() else None  # JSON has no NaN
     result.update({
         "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
         "wall_seconds": time.time() - started, "threads": threads, "device": str(device),

@@ -86,6 +86,9 @@ def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
     assert epochs_seen == [1, 2]
     assert 0.0 <= result["accuracy"] <= 1.0
     assert sum(sum(row) for row in result["confusion_matrix"]) == result["n_test"]
+    # The stored threshold's effect on the test photos: every photo answered at threshold 0.
+    assert 0.0 <= result["test_answered_share"] <= 1.0
+    assert result["test_answered_share"] < 1.0 or result["test_answered_accuracy"] == result["accuracy"]
     run_dir = tmp_path / "runs" / config.run_name()
     for name in ("config.json", "split.csv", "history.csv", "metrics.json", "confusion_matrix.png",
                  "learning_curves.png", "best.pt"):
@@ -98,6 +101,7 @@ def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.params["attention"] == "se" and run.data.params["reduction"] == "4"
     assert run.data.metrics["test_accuracy"] == pytest.approx(result["accuracy"])
+    assert run.data.metrics["test_answered_share"] == pytest.approx(result["test_answered_share"])
     val_history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in val_history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
