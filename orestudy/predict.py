@@ -17,14 +17,12 @@ import json
 import os
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.fx.experimental.optimization import fuse
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -63,18 +61,9 @@ def checkpoint_file(source: str) -> Path:
 
 def load_model(source: str, device: torch.device = torch.device("cpu"),
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
-    """(model ready for inference, checkpoint metadata). Each BatchNorm is folded into the convolution
-    before it: the same answers (to ~1e-5). On the CPU in fp32 the model is also frozen as a TorchScript
-    graph with oneDNN's prepacked convolutions: MobileNetV2 + SE on this 2-core CPU ran 56 images/s
-    eager with folded BatchNorm and 70 images/s so (torch.compile: 50 images/s after a 47 s compile).
-    TorchScript is deprecated in favour of torch.compile, which does not match it here yet."""
+    """(model ready for inference, checkpoint metadata): see models.for_inference."""
     model, meta = models.load_checkpoint(checkpoint_file(source), device)
-    if device.type != "cpu" or dtype is not None:
-        return fuse(model).to(memory_format=torch.channels_last), meta
-    example = torch.zeros(1, 3, meta["input_size"], meta["input_size"])
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", FutureWarning)  # the deprecation notices above
-        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example))), meta
+    return models.for_inference(model, meta["input_size"], device, dtype), meta
 
 
 def unknown_threshold(meta: dict, source: str) -> float | None:

@@ -308,10 +308,15 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
     caches: dict[int, features.FeatureCache] = {}
 
     def frozen_output(depth: int):
+        part = None  # made at the first call: a warm cache never needs it
+
         @torch.no_grad()
         def compute(samples):
+            nonlocal part
+            if part is None:
+                part = models.for_inference(model.frozen_part(depth), size, device, dtype)
             with autocast(device, dtype):
-                return model.frozen_part(depth)(to_device(images(samples), device)).float().cpu()
+                return part(to_device(images(samples), device)).float().cpu()
         return compute
 
     history, best = [], {"val_accuracy": -1.0}
