@@ -17,6 +17,15 @@ def make_image(colour, seed: int, size=(48, 40)) -> Image.Image:
     return Image.fromarray(np.clip(pixels + stripes, 0, 255).astype(np.uint8))
 
 
+def png_folder(root, per_class: int = 10):
+    """COLOURS as class folders of plain PNGs, for module-scoped fixtures (image_folder is per test)."""
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            make_image(colour, seed=100 * c + i).save(root / name / f"{name}_{i}.png")
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """3 classes x 10 images, in the file formats the ore data set really has."""

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from orestudy import data, features, models, predict, training
-from conftest import COLOURS, make_image
+from conftest import COLOURS, png_folder
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +16,7 @@ def trained(tmp_path_factory):
     """A tiny model trained on the generated colour classes (ImageNet MobileNetV2 frozen, so only the
     head trains, in about a second): (image folder, run folder)."""
     root = tmp_path_factory.mktemp("predict")
-    folder = root / "minerals"
-    for c, (name, colour) in enumerate(COLOURS.items()):
-        (folder / name).mkdir(parents=True)
-        for i in range(10):
-            make_image(colour, seed=100 * c + i).save(folder / name / f"{name}_{i}.png")
+    folder = png_folder(root / "minerals")
     config = training.TrainConfig(data=str(folder), output=str(root / "runs"), cache="", regime="tl",
                                   epochs=2, freeze_epochs=2, lr=1e-2, image_size=64, batch_size=8, threads=1,
                                   progress=False, mlflow=False)

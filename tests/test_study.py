@@ -129,14 +129,10 @@ def test_bad_options_are_named(image_folder, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_results(tmp_path_factory):
-    from conftest import COLOURS, make_image
+    from conftest import png_folder
 
     tmp = tmp_path_factory.mktemp("study")
-    folder = tmp / "minerals"
-    for c, (name, colour) in enumerate(COLOURS.items()):
-        (folder / name).mkdir(parents=True)
-        for i in range(10):
-            make_image(colour, seed=100 * c + i).save(folder / name / f"{i}.png")
+    folder = png_folder(tmp / "minerals")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ORESTUDY_OFFLINE", "1")
         mp.setenv("TORCH_HOME", str(tmp / "empty_torch_home"))  # no cached ImageNet weights for resnet50
