@@ -187,12 +187,17 @@ def base_size(input_size: int) -> int:
     return round(input_size * 256 / 224)
 
 
+def decode_base(path: str | Path, input_size: int) -> torch.Tensor:
+    """uint8 CHW tensor of an image file, shorter side resized to base_size(input_size): what every
+    view, in training and in prediction, is cut from."""
+    return TF.resize(TF.pil_to_tensor(load_rgb(path)), base_size(input_size), antialias=True)
+
+
 def load_base(rec: ImageRecord, input_size: int) -> torch.Tensor:
-    """uint8 CHW tensor, shorter side resized to base_size(input_size); cached per process."""
+    """decode_base, cached per process."""
     key = (rec.sha256, input_size)
     if key not in _BASE_CACHE:
-        img = TF.pil_to_tensor(load_rgb(rec.path))
-        _BASE_CACHE[key] = TF.resize(img, base_size(input_size), antialias=True)
+        _BASE_CACHE[key] = decode_base(rec.path, input_size)
     return _BASE_CACHE[key]
 
 

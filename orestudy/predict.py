@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from . import data, models, training
@@ -77,10 +76,9 @@ def unknown_threshold(meta: dict, source: str) -> float | None:
 
 
 def eval_input(path: str | Path, input_size: int) -> torch.Tensor:
-    """uint8 CHW: the validation view (data.load_base then data.eval_view), without load_base's
-    per-process cache, which would keep every predicted image in memory."""
-    img = TF.resize(TF.pil_to_tensor(data.load_rgb(path)), data.base_size(input_size), antialias=True)
-    return data.eval_view(img, input_size)
+    """uint8 CHW: the validation view, without load_base's per-process cache, which would keep every
+    predicted image in memory."""
+    return data.eval_view(data.decode_base(path, input_size), input_size)
 
 
 def list_images(inputs: list[str]) -> list[str]:
