@@ -50,8 +50,12 @@ class SqueezeExcitation(nn.Module):
         self.excite = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
                                     nn.Linear(hidden, channels), nn.Sigmoid())
 
+    def scale(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C) channel weights from the (B, C) globally pooled map."""
+        return self.excite(pooled)
+
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.excite(x.mean((2, 3)))[:, :, None, None]
+        return self.scale(x.mean((2, 3)))[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
@@ -66,9 +70,11 @@ class EfficientChannelAttention(nn.Module):
         k = k if k % 2 else k + 1
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
 
+    def scale(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(pooled.unsqueeze(1)).squeeze(1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x.mean((2, 3)).unsqueeze(1)).squeeze(1)
-        return x * torch.sigmoid(y)[:, :, None, None]
+        return x * self.scale(x.mean((2, 3)))[:, :, None, None]
 
 
 class CBAM(nn.Module):
@@ -218,6 +224,23 @@ class OreClassifier(nn.Module):
         if depth:
             raise ValueError(f"{self.spec.name}'s backbone can only be frozen whole (freeze_depth 0)")
         return nn.Sequential()
+
+    @property
+    def pools_first(self) -> bool:
+        """Whether the output sees the feature map only through its global average: channel attention
+        (none, SE, ECA) rescales whole channels, so avgpool(x * s) = s * avgpool(x), and the head pools
+        globally first. Then a frozen backbone's output can be kept pooled, (C,) instead of (C, H, W):
+        49x less to store and to stream through every head-only epoch. (CBAM's spatial attention and
+        AlexNet's/VGG's 6x6/7x7 pooling need the whole map.)"""
+        channel_only = isinstance(self.attention, (nn.Identity, SqueezeExcitation, EfficientChannelAttention))
+        pool = self.head[0]
+        return channel_only and isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1))
+
+    def forward_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The model's output from the backbone's globally pooled output (B, C); see pools_first."""
+        if not isinstance(self.attention, nn.Identity):
+            pooled = pooled * self.attention.scale(pooled)
+        return self.head[2:](pooled)  # past the pool and the flatten: dropout, linear
 
     def forward_from(self, depth: int, x: torch.Tensor) -> torch.Tensor:
         """The model's output from the frozen part's output at depth."""

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -228,6 +228,22 @@ def scan_cached(root: str, progress: bool = False, cache: str = ""):
     return data.scan_folder(root, progress, cache_file if cache else None)
 
 
+def train_channel_stats(records, input_size: int, cache: str) -> tuple[list[float], list[float]]:
+    """data.channel_stats of the training images, kept in the cache folder by their content: it
+    decodes every training image, a second or two that every later run of the split skips."""
+    if not cache:
+        return data.channel_stats(records, input_size)
+    path = Path(cache) / "stats" / f"{dataset_fingerprint(records)}-{input_size}.json"
+    if path.exists():
+        return tuple(json.loads(path.read_text()))
+    stats = data.channel_stats(records, input_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stats))
+    os.replace(tmp, path)  # atomic, for trials sharing the cache
+    return stats
+
+
 def dataset_fingerprint(records) -> str:
     return hashlib.sha256("".join(sorted(r.sha256 for r in records)).encode()).hexdigest()[:10]
 
@@ -280,7 +296,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
     spec = models.backbone_spec(config.backbone)
     size = config.image_size or spec.input_size
     if config.normalization == "train":
-        mean, std = data.channel_stats(prep.records["train"], size)
+        mean, std = train_channel_stats(prep.records["train"], size, config.cache)
     else:
         mean, std = spec.mean, spec.std
     model = models.create_model(config.backbone, len(prep.class_names), config.weights, config.attention,
@@ -307,7 +323,13 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
                  "view_seed": config.seed, "strength": s}
     caches: dict[int, features.FeatureCache] = {}
 
-    def frozen_output(depth: int):
+    def frozen_route(depth: int) -> tuple[features.FeatureCache, Callable, Callable]:
+        """(cache of the frozen part's outputs, how to compute missing ones, the model's forward from
+        them) for a backbone frozen below depth; a wholly frozen one is kept globally pooled where the
+        model allows (models.OreClassifier.pools_first)."""
+        pooled = depth >= model.depth and model.pools_first
+        if depth not in caches:
+            caches[depth] = features.FeatureCache(config.cache or None, {**cache_key, "depth": depth, "pooled": pooled})
         part = None  # made at the first call: a warm cache never needs it
 
         @torch.no_grad()
@@ -316,8 +338,19 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
             if part is None:
                 part = models.for_inference(model.frozen_part(depth), size, device, dtype)
             with autocast(device, dtype):
-                return part(to_device(images(samples), device)).float().cpu()
-        return compute
+                out = part(to_device(images(samples), device)).float()
+            return (out.mean((2, 3)) if pooled else out).cpu()
+        forward = model.forward_pooled if pooled else functools.partial(model.forward_from, depth)
+        return caches[depth], compute, forward
+
+    def eval_route(depth: int, samples, labels) -> tuple[Callable, Iterable]:
+        """(forward, batches) that evaluate samples with the backbone frozen below depth: from the
+        cache where there is one, else through the whole model. Both compute the same outputs."""
+        if depth and config.cache_features:
+            cache, compute, forward = frozen_route(depth)
+            cache.fill(samples, compute, progress)
+            return forward, batches(samples, labels, config.batch_size, cache.batch)
+        return model, batches(samples, labels, config.batch_size, images)
 
     history, best = [], {"val_accuracy": -1.0}
     best_state = None
@@ -332,28 +365,23 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
         model.frozen_part(depth).eval()  # frozen means frozen BN statistics too, exactly what is cached
         caches = {d: c for d, c in caches.items() if d == depth}  # other depths' outputs are done with
         if depth and config.cache_features:
-            if depth not in caches:
-                caches[depth] = features.FeatureCache(config.cache or None, {**cache_key, "depth": depth})
-            cache = caches[depth]
+            cache, compute, forward = frozen_route(depth)
             if online is not None:  # random views cannot be cached: draw from a fixed bank per view
                 draws = torch.randint(config.aug_bank, (len(train_samples),), generator=gen).tolist()
                 epoch_samples = [(r, f"{v}+online{k}") for (r, v), k in zip(train_samples, draws)]
                 needed = [(r, f"{v}+online{k}") for r, v in train_samples for k in range(config.aug_bank)]
             else:
                 epoch_samples = needed = train_samples
-            cache.fill(needed + val_samples, frozen_output(depth), progress)
+            cache.fill(needed, compute, progress)
             train_loader = batches(epoch_samples, train_labels, config.batch_size, cache.batch, gen)
-            val_loader = batches(val_samples, prep.labels["val"], config.batch_size, cache.batch)
-            forward = functools.partial(model.forward_from, depth)
         else:
+            forward = model
             train_loader = batches(train_samples, train_labels, config.batch_size,
                                    lambda smp: images(smp, online), gen)
-            val_loader = batches(val_samples, prep.labels["val"], config.batch_size, images)
-            forward = model
         train_loss, train_acc = train_one_epoch(forward, optimizer, train_loader, device, dtype, n_batches,
                                                 f"epoch {epoch}/{config.epochs}", progress)
         model.eval()
-        val = evaluate(forward, val_loader, device, dtype)
+        val = evaluate(*eval_route(depth, val_samples, prep.labels["val"]), device, dtype)
         row = {"epoch": epoch, "frozen": int(frozen), "train_loss": train_loss, "train_accuracy": train_acc,
                "val_loss": val.loss, "val_accuracy": val.accuracy, "epoch_seconds": time.time() - t0}
         history.append(row)
@@ -371,10 +399,12 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
             report(row, run_dir / "best.pt" if improved else None)
 
     # The best-validation checkpoint: its "unknown" threshold is chosen on validation, then the test
-    # split is evaluated once, through the full model.
+    # split is evaluated once. The part of the backbone that was frozen at the best epoch still holds
+    # its starting weights, so its cached outputs stand in for it exactly, as during training.
     model.load_state_dict(best_state)
     model.eval()
-    val = evaluate(model, batches(val_samples, prep.labels["val"], config.batch_size, images), device, dtype)
+    best_depth = model.depth if best["epoch"] <= config.freeze_epochs else config.freeze_depth
+    val = evaluate(*eval_route(best_depth, val_samples, prep.labels["val"]), device, dtype)
     best["unknown_threshold"] = unknown_threshold(val.probabilities.max(1), val.predictions == val.labels,
                                                   config.unknown_target_error)
     best["unknown_target_error"] = config.unknown_target_error
@@ -382,7 +412,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
     result = {}
     if config.evaluate_test:
         test_samples = [(r, "identity") for r in prep.records["test"]]
-        test = evaluate(model, batches(test_samples, prep.labels["test"], config.batch_size, images), device, dtype)
+        test = evaluate(*eval_route(best_depth, test_samples, prep.labels["test"]), device, dtype)
         result = reports.classification_metrics(test.labels, test.predictions, prep.class_names)
         result["test_loss"] = test.loss
         # What the stored threshold does to unseen photos: how many get an answer, and how often it is right.

@@ -21,6 +21,22 @@ def test_attention_modules_keep_shape(kind):
     assert models.create_attention(kind, 32, 4)(x).shape == x.shape
 
 
+@pytest.mark.parametrize("attention", ["none", "se", "eca"])
+def test_channel_attention_heads_run_from_pooled_features(attention):
+    """pools_first: with channel attention the output depends on the map only through its mean, so
+    the cached pooled features give the same outputs as the whole map."""
+    model = models.create_model("mobilenet_v2", 7, weights="none", attention=attention).eval()
+    x = torch.randn(3, 1280, 7, 7).abs()
+    assert model.pools_first
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_pooled(x.mean((2, 3))), model.forward_head(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, attention", [("mobilenet_v2", "cbam"), ("alexnet", "se"), ("vgg16", "none")])
+def test_spatial_heads_keep_the_whole_map(name, attention):
+    assert not models.create_model(name, 7, weights="none", attention=attention).pools_first
+
+
 @pytest.mark.parametrize("name", ["alexnet", "vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet_v1"])
 def test_every_backbone_builds_with_attention_and_dropout(name):
     model = models.create_model(name, 7, weights="none", attention="se", reduction=8)
