@@ -142,6 +142,9 @@ def main() -> None:
         total = sum(e["seconds"] for e in res["epochs"])
         to_target = f"{res['time_to_target']:.1f}" if res["time_to_target"] is not None else "never"
         print(f"{name:10} {per_epoch:>40} {total:9.1f} {to_target:>12} {res['peak_rss'] / 1e9:8.2f}")
+    for name, res in results.items():  # epoch time (validation included) per training sample
+        per_sample = " ".join(f"{1000 * e['seconds'] / res['samples']:.1f}" for e in res["epochs"])
+        print(f"{name:10} ms per training sample, each epoch: {per_sample}")
     if "naive" in results:
         ratio = [n["seconds"] / o["seconds"] for n, o in zip(results["naive"]["epochs"], results["orestudy"]["epochs"])]
         print("speed-up per epoch (naive / orestudy): " + " ".join(f"{r:.1f}x" for r in ratio))
