@@ -323,6 +323,10 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
                  "view_seed": config.seed, "strength": s}
     caches: dict[int, features.FeatureCache] = {}
 
+    @functools.cache  # made at the first cache miss (a warm cache never needs it); frozen weights never change
+    def inference_part(depth: int) -> torch.nn.Module:
+        return models.for_inference(model.frozen_part(depth), size, device, dtype)
+
     def frozen_route(depth: int) -> tuple[features.FeatureCache, Callable, Callable]:
         """(cache of the frozen part's outputs, how to compute missing ones, the model's forward from
         them) for a backbone frozen below depth; a wholly frozen one is kept globally pooled where the
@@ -330,15 +334,11 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
         pooled = depth >= model.depth and model.pools_first
         if depth not in caches:
             caches[depth] = features.FeatureCache(config.cache or None, {**cache_key, "depth": depth, "pooled": pooled})
-        part = None  # made at the first call: a warm cache never needs it
 
         @torch.no_grad()
         def compute(samples):
-            nonlocal part
-            if part is None:
-                part = models.for_inference(model.frozen_part(depth), size, device, dtype)
             with autocast(device, dtype):
-                out = part(to_device(images(samples), device)).float()
+                out = inference_part(depth)(to_device(images(samples), device)).float()
             return (out.mean((2, 3)) if pooled else out).cpu()
         forward = model.forward_pooled if pooled else functools.partial(model.forward_from, depth)
         return caches[depth], compute, forward
