@@ -97,11 +97,16 @@ def scan_folder(root: str | Path, progress: bool = False,
     if not records:
         raise ValueError(f"no readable images under {root}")
     if cache_file:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({r.path: {**asdict(r), "stamp": stamps[r.path]} for r in records}))
-        os.replace(tmp, cache_file)
+        write_json_atomic(cache_file, {r.path: {**asdict(r), "stamp": stamps[r.path]} for r in records})
     return records, bad
+
+
+def write_json_atomic(path: Path, value) -> None:
+    """JSON written whole or not at all: processes sharing a cache folder never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def near_duplicate_groups(records: list[ImageRecord], max_distance: int = 6) -> np.ndarray:

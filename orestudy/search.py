@@ -693,7 +693,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    experiment=args.experiment, mlflow=args.mlflow, max_failures=args.max_failures,
                                    cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
     options = SearchSettings(trials=args.trials, time_budget_s=args.time_budget, seeds=tuple(args.seeds),
-                             baseline=args.baseline, baseline_seeds=tuple(args.baseline_seeds), resume=args.resume, sampler_seed=args.sampler_seed,
+                             baseline=args.baseline, baseline_seeds=tuple(args.baseline_seeds),
+                             resume=args.resume, sampler_seed=args.sampler_seed,
                              data=str(Path(args.data).resolve()),
                              cache=str(Path(args.cache).resolve()) if args.cache else "",
                              device=args.device)

@@ -237,10 +237,7 @@ def train_channel_stats(records, input_size: int, cache: str) -> tuple[list[floa
     if path.exists():
         return tuple(json.loads(path.read_text()))
     stats = data.channel_stats(records, input_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(stats))
-    os.replace(tmp, path)  # atomic, for trials sharing the cache
+    data.write_json_atomic(path, stats)
     return stats
 
 
