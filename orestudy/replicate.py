@@ -4,11 +4,13 @@
     python -m orestudy.replicate --seeds 231,1,2,3,4 --backbones mobilenet_v2,mobilenet_v1
     python -m orestudy.replicate --only table4 --epochs 2         # a quick look on a budget, not a replication
     python -m orestudy.replicate ... --resume                     # the same command again continues it
+    python -m orestudy.replicate ... --report-only                # the tables of a study as it stands
+    python -m orestudy.replicate ... --reuse earlier/trials.jsonl # runs only what earlier studies did not
     python -m orestudy.replicate --address auto ...               # on a running Ray cluster
 
 The grid is experiments/paper_grid.yaml, the published numbers experiments/published_results.yaml.
-Tables (Markdown and CSV) and figures go to <output>/<name>/report/ and onto the study's MLflow run,
-whose nested children are the trials.
+Tables (Markdown and CSV), figures and the trials' portable records (trials.jsonl) go to
+<output>/<name>/report/ and onto the study's MLflow run, whose nested children are the trials.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import pandas as pd
 import yaml
 from ray import tune
 
-from . import reports, study
+from . import reports, study, training
 from .data import REPO_ROOT
 from .training import TrainConfig
 
@@ -218,8 +220,15 @@ def report_text(grid: dict, published: dict, tables: dict[str, pd.DataFrame], tr
                 name: str, epochs: int) -> str:
     paper_epochs = grid["paper"]["epochs"]
     counts = pd.Series([t["status"].split(":")[0] for t in trials]).value_counts().to_dict()
+    ok = [t["metrics"] for t in trials if t["status"] == "ok"]
+    machines = pd.Series([f"{m.get('device', '?')} {m.get('precision', '?')}" for m in ok]).value_counts()
+    hours = sum(m["wall_seconds"] for m in ok) / 3600
     lines = [f"# orestudy study `{name}`", "",
-             f"{len(trials)} trials: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + "."]
+             f"{len(trials)} trials: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + "."
+             + (f" {sum(t.get('reused', False) for t in trials)} of them ran in earlier studies (--reuse)."
+                if any(t.get("reused") for t in trials) else "")
+             + (f" The ok ones took {hours:.2f} h of training in all (the sum of their own wall times; "
+                + ", ".join(f"{n} on {machine}" for machine, n in machines.items()) + ")." if ok else "")]
     if epochs != paper_epochs:
         lines += ["", f"**Budget: {epochs} epochs instead of the paper's {paper_epochs}** "
                       "(frozen epochs scaled in proportion): a quick look, not a replication."]
@@ -243,10 +252,14 @@ def report_text(grid: dict, published: dict, tables: dict[str, pd.DataFrame], tr
 
 
 def write_report(grid: dict, published: dict, cells: list[Cell], trials: list[dict], epochs: int, folder: Path,
-                 name: str) -> tuple[str, list[Path]]:
+                 name: str, dataset: str) -> tuple[str, list[Path]]:
+    """Tables (CSV), report.md, figures, and trials.jsonl: the records of every trial that ran to an
+    end, for --reuse by a later study."""
     folder.mkdir(parents=True, exist_ok=True)
     tables = study_tables(grid, published, cells, trials, epochs)
-    paths = []
+    paths = [folder / "trials.jsonl"]
+    study.write_records(paths[0], [study.trial_record(t, dataset) for t in trials
+                                   if t["config"] is not None and t["status"] != study.UNFINISHED])
     for table, frame in tables.items():
         paths.append(folder / f"{table}.csv")
         frame.to_csv(paths[-1], index=False)
@@ -308,6 +321,12 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--cpus-per-trial", type=int, default=0, help="default: a whole node, or its share per GPU")
     how.add_argument("--gpus-per-trial", type=float, default=0.0, help="default: 1 where nodes have GPUs; 0.5 shares one")
     how.add_argument("--resume", action="store_true", help="continue the interrupted study of the same command")
+    how.add_argument("--reuse", action="append", default=[], metavar="TRIALS_JSONL",
+                     help="finished trials of an earlier study (its report/trials.jsonl, from any machine): "
+                          "a trial of the same configuration on the same data is not run again but reported; "
+                          "repeatable")
+    how.add_argument("--report-only", action="store_true",
+                     help="write the report of the study as it stands (with --reuse records), running nothing")
     return p
 
 
@@ -345,9 +364,23 @@ def main(argv: list[str] | None = None) -> int:
               "cache": str(Path(args.cache).resolve()) if args.cache else ""}
     try:
         configs = trial_configs(grid, cells, seeds, shared)
-    except ValueError as err:
+        earlier = [r for path in args.reuse for r in study.read_records(path)]
+    except (OSError, ValueError) as err:
         p.error(str(err))
-    print(f"[study] {name}: {len(cells)} cells, {len(configs)} trials -> {settings.path}", flush=True)
+    dataset = training.dataset_name(args.data, training.scan_cached(shared["data"], True, shared["cache"])[0])
+    configs, reused = study.reusable(configs, earlier, dataset)
+    print(f"[study] {name}: {len(cells)} cells, {len(configs) + len(reused)} trials"
+          + (f" ({len(reused)} from {', '.join(args.reuse)})" if reused else "") + f" -> {settings.path}", flush=True)
+    folder = Path(settings.output) / name / "report"
+
+    if args.report_only:
+        try:
+            trials = reused + (study.outcomes(study.saved_results(settings)) if configs else [])
+        except FileNotFoundError as err:
+            p.error(f"{err} (--report-only reports a study started with the same options)")
+        text, files = write_report(grid, published, cells, trials, epochs, folder, name, dataset)
+        print("\n" + text + "\n" + "\n".join(f"wrote {path}" for path in files))
+        return 0
 
     try:
         study.check_state(settings, args.resume)
@@ -356,11 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     with study.connected(args.address):
         parent_run = study.start_parent_run(settings, {
             "grid": args.grid, "seeds": seeds, "epochs": epochs, "cells": len(cells), "trials": len(configs),
-            **{k: getattr(args, k) for k in ("only", "backbones", "regimes", "schedules", "fields", "data")}},
+            "reused": len(reused), "dataset": dataset,
+            **{k: getattr(args, k) for k in ("only", "backbones", "regimes", "schedules", "fields", "data", "reuse")}},
             args.resume) if args.mlflow else ""
         configs = [{**c, "parent_run": parent_run} for c in configs]  # a resumed study keeps its saved ones
-        trials = study.outcomes(study.run_study({"config": tune.grid_search(configs)}, settings, args.resume))
-    text, files = write_report(grid, published, cells, trials, epochs, Path(settings.output) / name / "report", name)
+        trials = reused + (study.outcomes(study.run_study({"config": tune.grid_search(configs)}, settings, args.resume))
+                           if configs else [])
+    text, files = write_report(grid, published, cells, trials, epochs, folder, name, dataset)
     print("\n" + text + "\n" + "\n".join(f"wrote {path}" for path in files))
     unfinished = sum(t["status"] == study.UNFINISHED for t in trials)
     if parent_run:

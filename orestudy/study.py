@@ -5,14 +5,19 @@ param_space["config"] (a dict of TrainConfig fields, or Tune search spaces over 
 `python -m orestudy.replicate`, a sampler for a search). Each trial is `training.run_experiment`,
 reporting every epoch to Tune with the best checkpoint, and logged to MLflow as a child of the study's
 run. `outcomes(results)` says how every trial ended: "ok", "skipped: ..." or "failed: ...".
+
+Finished trials are also kept as portable records (`trials.jsonl`: what a trial computed and measured,
+not where): a study split over machines or sessions, whose run folders do not travel, is put back
+together by handing a later study the earlier records (`reusable`).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -123,7 +128,8 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
         tune.report({"status": SKIPPED_OFFLINE, "reason": str(err)})
         return
     final = {k: result[k] for k in ("accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
-                                    "wall_seconds", "confusion_matrix", "class_names", "run_dir") if k in result}
+                                    "wall_seconds", "confusion_matrix", "class_names", "device", "precision",
+                                    "threads", "run_dir") if k in result}
     tune.report({"status": "ok", **final, "node_id": ray.get_runtime_context().get_node_id()},
                 checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
 
@@ -171,6 +177,13 @@ def finish_parent_run(run_id: str, files: list[Path], metrics: dict[str, float],
         client.log_artifact(run_id, str(path))
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
     client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
+
+
+def saved_results(settings: StudySettings) -> tune.ResultGrid:
+    """The study at settings.path as it stands (finished, failed and unfinished trials), running nothing."""
+    if not tune.Tuner.can_restore(settings.path):
+        raise FileNotFoundError(f"no study at {settings.path}")
+    return tune.Tuner.restore(settings.path, train_trial).get_results()
 
 
 def check_state(settings: StudySettings, resume: bool) -> None:
@@ -225,3 +238,68 @@ def outcomes(results: tune.ResultGrid) -> list[dict]:
         rows.append({"config": config, "status": status, "metrics": metrics,
                      "history": epochs, "checkpoint": result.checkpoint})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Portable trial records
+
+# TrainConfig fields that say where a run lives and how it is watched, not what it computes.
+WHERE_FIELDS = ("threads", "device", "data", "output", "name", "cache", "mlflow", "experiment", "parent_run",
+                "progress")
+RECORD_METRICS = ("status", "reason", "accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
+                  "wall_seconds", "device", "precision", "threads", "confusion_matrix", "class_names")
+HISTORY_COLUMNS = ("epoch", "frozen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds")
+
+
+def computation(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in WHERE_FIELDS}
+
+
+def computation_key(config: dict) -> str | None:
+    """What a config computes, as a string; a field added to TrainConfig since the config was saved
+    takes its default. None for a config this version cannot read."""
+    try:
+        return json.dumps(computation(asdict(TrainConfig.from_dict(computation(config)))), sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+
+
+def trial_record(outcome: dict, dataset: str) -> dict:
+    """An outcome of a trial that ran (config not None) on the data set named dataset
+    (training.dataset_name), as plain JSON."""
+    return {"dataset": dataset, "config": computation(outcome["config"]), "status": outcome["status"],
+            "metrics": {k: outcome["metrics"][k] for k in RECORD_METRICS if k in outcome["metrics"]},
+            "history": [{k: row[k] for k in HISTORY_COLUMNS if k in row} for row in outcome["history"]]}
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """trial_record()s from a trials.jsonl; a line that is not one is an error naming file and line."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+            if not {"dataset", "config", "status", "metrics", "history"} <= set(record):
+                raise ValueError("not a trial record")
+        except ValueError as err:
+            raise ValueError(f"{path}, line {number}: {err}") from None
+        records.append(record)
+    return records
+
+
+def reusable(configs: list[dict], records: list[dict], dataset: str) -> tuple[list[dict], list[dict]]:
+    """(configs still to run, records that stand in for the rest): a finished ("ok") record of the
+    same computation on the same data set replaces a trial, with the config it would have run and
+    "reused": True."""
+    done = {computation_key(r["config"]): r for r in records if r["status"] == "ok" and r["dataset"] == dataset}
+    to_run, reused = [], []
+    for config in configs:
+        record = done.get(computation_key(config))
+        if record is None:
+            to_run.append(config)
+        else:
+            reused.append({**record, "config": config, "reused": True})
+    return to_run, reused

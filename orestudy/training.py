@@ -245,6 +245,12 @@ def dataset_fingerprint(records) -> str:
     return hashlib.sha256("".join(sorted(r.sha256 for r in records)).encode()).hexdigest()[:10]
 
 
+def dataset_name(root: str | Path, records) -> str:
+    """A scanned data set by folder name and content, e.g. minerals-1a2b3c4d5e: what split manifests
+    and trial records are keyed by, so the same photos elsewhere are recognised and changed ones are not."""
+    return f"{Path(root).name}-{dataset_fingerprint(records)}"
+
+
 @dataclass
 class Prepared:
     class_names: list[str]
@@ -260,7 +266,7 @@ def prepare_data(config: TrainConfig, run_dir: Path, progress: bool = False) -> 
     for b in bad:
         print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
     # One manifest per (data set, seed) is shared by every run; each run keeps a copy beside it.
-    shared = Path(config.output) / "splits" / f"{root.name}-{dataset_fingerprint(records)}-seed{config.seed}.csv"
+    shared = Path(config.output) / "splits" / f"{dataset_name(root, records)}-seed{config.seed}.csv"
     split = data.load_or_make_split(records, config.seed, shared, root)
     (run_dir / "split.csv").write_bytes(shared.read_bytes())
     class_names = sorted({r.label for r in records})

@@ -100,6 +100,33 @@ def test_filters_and_budget_scale_the_freezing_schedule():
     assert all(replicate.belongs(one, cell, grid) for cell in tl)
 
 
+def test_records_of_the_same_computation_on_the_same_data_stand_in_for_trials(tmp_path):
+    grid, _ = paper_grid()
+    cells = replicate.select(replicate.grid_cells(grid), only=["table4"], backbones=["mobilenet_v2"], rows=["tl"])
+    here = {**grid["paper"], "epochs": 20, "data": "/here/minerals", "output": "/here/runs", "threads": 2}
+    first, second, third = replicate.trial_configs(grid, cells, [231], here)
+    elsewhere = {**first, "data": "/elsewhere/minerals", "output": "/elsewhere/runs", "threads": 16,
+                 "parent_run": "abc"}
+    del elsewhere["aug_bank"]  # a record from before a field existed: the field's default stands in
+
+    def outcome(config, status):
+        return {"config": config, "status": status, "metrics": {"status": status, "accuracy": 0.9, "time_total_s": 1},
+                "history": [{"epoch": 1, "val_accuracy": 0.8, "config/lr": 1e-4}]}
+
+    records = [study.trial_record(outcome(elsewhere, "ok"), "minerals-abc"),
+               study.trial_record(outcome(second, "failed: out of memory"), "minerals-abc"),
+               study.trial_record(outcome(third, "ok"), "minerals-changed")]
+    assert "data" not in records[0]["config"] and records[0]["history"] == [{"epoch": 1, "val_accuracy": 0.8}]
+    path = tmp_path / "trials.jsonl"
+    study.write_records(path, records)
+    to_run, reused = study.reusable([first, second, third], study.read_records(path), "minerals-abc")
+    assert to_run == [second, third]  # a failed trial and one on other data run again
+    assert [r["config"] for r in reused] == [first] and reused[0]["metrics"]["accuracy"] == 0.9
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=r"trials.jsonl, line 4"):
+        study.read_records(path)
+
+
 def test_accuracy_summary_t_over_seeds_and_wilson_for_one_run():
     values = [0.90, 0.93, 0.88, 0.95, 0.91]
     s = reports.accuracy_summary(values, [171] * 5)
@@ -202,6 +229,33 @@ def test_a_finished_study_is_not_started_again(tiny_results, capsys):
     with pytest.raises(SystemExit):
         replicate.main(tiny_study(tmp / "minerals", tmp, "--name", "tiny"))
     assert "a study already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_later_study_reuses_finished_trials_and_a_report_needs_no_rerun(tiny_results, monkeypatch):
+    _, tmp = tiny_results
+    report = tmp / "runs" / "tiny" / "report"
+    records = study.read_records(report / "trials.jsonl")
+    assert sorted(r["status"].split(":")[0] for r in records) == ["failed", "ok", "skipped"]
+    (ok,) = [r for r in records if r["status"] == "ok"]
+    assert ok["dataset"].startswith("minerals-") and [h["epoch"] for h in ok["history"]] == [1, 2]
+    assert ok["metrics"]["precision"] in ("torch.bfloat16", "fp32") and "data" not in ok["config"]
+
+    monkeypatch.setenv("ORESTUDY_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # The trained cell again, under another name: nothing to run, the same numbers.
+    code = replicate.main(tiny_study(tmp / "minerals", tmp, "--name", "tiny-again", "--schedules", "unfrozen",
+                                     "--reuse", str(report / "trials.jsonl")))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert code == 0 and not (tmp / "runs" / "ray_results" / "tiny-again").exists()
+    (again,) = pd.read_csv(tmp / "runs" / "tiny-again" / "report" / "tiny.csv").to_dict("records")
+    before = pd.read_csv(report / "tiny.csv").set_index("schedule").loc["unfrozen"]
+    assert again["status"] == "ok" and again["mean"] == before["mean"]
+    assert "1 of them ran in earlier studies" in (tmp / "runs" / "tiny-again" / "report" / "report.md").read_text()
+
+    (report / "tiny.csv").unlink()
+    assert replicate.main(tiny_study(tmp / "minerals", tmp, "--name", "tiny", "--report-only")) == 0
+    assert pd.read_csv(report / "tiny.csv").set_index("schedule").loc["unfrozen"]["mean"] == before["mean"]
 
 
 # ---------------------------------------------------------------------------------------------------
