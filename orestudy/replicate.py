@@ -216,19 +216,26 @@ def figures(grid: dict, cells: list[Cell], trials: list[dict], folder: Path) -> 
     return paths
 
 
+def trials_line(trials: list[dict]) -> str:
+    """How the trials ended, how many ran in earlier studies, and the training time of those that finished."""
+    counts = pd.Series([t["status"].split(":")[0] for t in trials]).value_counts().to_dict()
+    text = f"{len(trials)} trials: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + "."
+    reused = sum(t.get("reused", False) for t in trials)
+    if reused:
+        text += f" {reused} of them ran in earlier studies (--reuse)."
+    ok = [t["metrics"] for t in trials if t["status"] == "ok"]
+    if ok:
+        machines = pd.Series([f"on {m['device']} {m['precision']}" if "device" in m else "device not recorded"
+                              for m in ok]).value_counts()
+        text += (f" The ok ones took {sum(m['wall_seconds'] for m in ok) / 3600:.2f} h of training in all (the "
+                 "sum of their own wall times; " + ", ".join(f"{n} {where}" for where, n in machines.items()) + ").")
+    return text
+
+
 def report_text(grid: dict, published: dict, tables: dict[str, pd.DataFrame], trials: list[dict],
                 name: str, epochs: int) -> str:
     paper_epochs = grid["paper"]["epochs"]
-    counts = pd.Series([t["status"].split(":")[0] for t in trials]).value_counts().to_dict()
-    ok = [t["metrics"] for t in trials if t["status"] == "ok"]
-    machines = pd.Series([f"{m.get('device', '?')} {m.get('precision', '?')}" for m in ok]).value_counts()
-    hours = sum(m["wall_seconds"] for m in ok) / 3600
-    lines = [f"# orestudy study `{name}`", "",
-             f"{len(trials)} trials: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + "."
-             + (f" {sum(t.get('reused', False) for t in trials)} of them ran in earlier studies (--reuse)."
-                if any(t.get("reused") for t in trials) else "")
-             + (f" The ok ones took {hours:.2f} h of training in all (the sum of their own wall times; "
-                + ", ".join(f"{n} on {machine}" for machine, n in machines.items()) + ")." if ok else "")]
+    lines = [f"# orestudy study `{name}`", "", trials_line(trials)]
     if epochs != paper_epochs:
         lines += ["", f"**Budget: {epochs} epochs instead of the paper's {paper_epochs}** "
                       "(frozen epochs scaled in proportion): a quick look, not a replication."]
