@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.report_only:
         try:
-            trials = reused + (study.outcomes(study.saved_results(settings)) if configs else [])
+            trials = reused + (study.planned(configs, study.outcomes(study.saved_results(settings)))
+                               if configs else [])
         except FileNotFoundError as err:
             p.error(f"{err} (--report-only reports a study started with the same options)")
         text, files = write_report(grid, published, cells, trials, epochs, folder, name, dataset)
@@ -400,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             **{k: getattr(args, k) for k in ("only", "backbones", "regimes", "schedules", "fields", "data", "reuse")}},
             args.resume) if args.mlflow else ""
         configs = [{**c, "parent_run": parent_run} for c in configs]  # a resumed study keeps its saved ones
-        trials = reused + (study.outcomes(study.run_study({"config": tune.grid_search(configs)}, settings, args.resume))
-                           if configs else [])
+        results = study.run_study({"config": tune.grid_search(configs)}, settings, args.resume) if configs else []
+        trials = reused + study.planned(configs, study.outcomes(results))
     text, files = write_report(grid, published, cells, trials, epochs, folder, name, dataset)
     print("\n" + text + "\n" + "\n".join(f"wrote {path}" for path in files))
     unfinished = sum(t["status"] == study.UNFINISHED for t in trials)

@@ -303,3 +303,11 @@ def reusable(configs: list[dict], records: list[dict], dataset: str) -> tuple[li
         else:
             reused.append({**record, "config": config, "reused": True})
     return to_run, reused
+
+
+def planned(configs: list[dict], outcomes: list[dict]) -> list[dict]:
+    """One outcome per config: its trial's in the (saved) study, or unfinished where it never started.
+    A trial of the study that a reused record now stands in for is not among configs and drops out."""
+    ran = {computation_key(o["config"]): o for o in outcomes if o["config"] is not None}
+    return [ran.get(computation_key(c)) or {"config": c, "status": UNFINISHED, "metrics": {}, "history": [],
+                                             "checkpoint": None} for c in configs]

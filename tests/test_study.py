@@ -122,6 +122,11 @@ def test_records_of_the_same_computation_on_the_same_data_stand_in_for_trials(tm
     to_run, reused = study.reusable([first, second, third], study.read_records(path), "minerals-abc")
     assert to_run == [second, third]  # a failed trial and one on other data run again
     assert [r["config"] for r in reused] == [first] and reused[0]["metrics"]["accuracy"] == 0.9
+    # A (saved) study's trials, one per config still to run: the one that ran, and one never started
+    # (Tune keeps no config for it); its trial of the reused config drops out.
+    never = {"config": None, "status": study.UNFINISHED, "metrics": {}, "history": [], "checkpoint": None}
+    rows = study.planned(to_run, [outcome(first, "unfinished"), never, outcome({**second, "output": "/x"}, "ok")])
+    assert [r["status"] for r in rows] == ["ok", study.UNFINISHED] and rows[1]["config"] == third
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(ValueError, match=r"trials.jsonl, line 4"):
         study.read_records(path)
