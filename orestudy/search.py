@@ -321,7 +321,7 @@ def search_trial(params: dict, tracking_uri: str = "") -> None:
                                     "evaluate_test": False})
     best = {METRIC: -1.0}
 
-    def report(row: dict, checkpoint_path: Path | None) -> None:
+    def report(row: dict, state: dict) -> None:  # an interrupted search asks again: no state to keep
         if row["val_accuracy"] > best[METRIC]:
             best.update({METRIC: row["val_accuracy"], "best_val_loss": row["val_loss"], "best_epoch": row["epoch"]})
         tune.report({**row, **best})

@@ -3,8 +3,8 @@
 `run_study(param_space, settings)` runs `train_trial` for every configuration Tune draws from
 param_space["config"] (a dict of TrainConfig fields, or Tune search spaces over them: a grid for
 `python -m orestudy.replicate`, a sampler for a search). Each trial is `training.run_experiment`,
-reporting every epoch to Tune with the best checkpoint, and logged to MLflow as a child of the study's
-run. `outcomes(results)` says how every trial ended: "ok", "skipped: ..." or "failed: ...".
+reporting every epoch to Tune with its training state as the checkpoint an interrupted trial continues
+from, and logged to MLflow as a child of the study's run. `outcomes(results)` says how every trial ended: "ok", "skipped: ..." or "failed: ...".
 
 Finished trials are also kept as portable records (`trials.jsonl`: what a trial computed and measured,
 not where): a study split over machines or sessions, whose run folders do not travel, is put back
@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import ray
+import torch
 from ray import tune
 
 from . import models, tracking
@@ -29,6 +29,7 @@ from .training import TrainConfig, run_experiment
 
 SKIPPED_OFFLINE = "skipped: weights unavailable offline"
 UNFINISHED = "unfinished"
+STATE_FILE = "training_state.pt"  # in every epoch's checkpoint: what an interrupted trial continues from
 
 LOCAL_OBJECT_STORE_BYTES = 100 * 2**20  # trials pass files, not objects: a small store is plenty
 
@@ -105,25 +106,23 @@ def trial_resources(settings: StudySettings) -> dict[str, float]:
 
 def train_trial(params: dict, tracking_uri: str = "") -> None:
     """A Tune trial: run_experiment(params["config"]) with as many threads as CPUs the trial holds.
-    Every epoch is reported with tune.report; when validation improved, with best.pt as a checkpoint.
-    The last report carries the test result and the whole run folder as the final checkpoint, or,
-    when the backbone's ImageNet weights are not available offline, the skip and its reason: a skip
-    returns normally, so it is never retried."""
+    Every epoch is reported with tune.report and the training state as its checkpoint, so a trial that
+    is interrupted (Ctrl-C, a lost node) or retried continues after its last reported epoch. The last
+    report carries the test result and the whole run folder as the final checkpoint, or, when the
+    backbone's ImageNet weights are not available offline, the skip and its reason: a skip returns
+    normally, so it is never retried."""
     if tracking_uri:  # the driver's store, wherever this trial runs
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 0)
     config = TrainConfig.from_dict({**params["config"], "threads": int(cpus), "progress": False})
 
-    def report(row: dict, checkpoint_path: Path | None) -> None:
-        if checkpoint_path is None:
-            tune.report(row)
-            return
+    def report(row: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:  # report() copies it to storage before returning
-            shutil.copy(checkpoint_path, folder)
+            torch.save(state, Path(folder) / STATE_FILE)
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:
-        result = run_experiment(config, report)
+        result = run_experiment(config, report, resume=saved_state(tune.get_checkpoint()))
     except models.WeightsUnavailable as err:
         tune.report({"status": SKIPPED_OFFLINE, "reason": str(err)})
         return
@@ -132,6 +131,15 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
                                     "threads", "run_dir") if k in result}
     tune.report({"status": "ok", **final, "node_id": ray.get_runtime_context().get_node_id()},
                 checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
+
+
+def saved_state(checkpoint: tune.Checkpoint | None) -> dict | None:
+    """The training state in a trial's last checkpoint; None for a first attempt or a finished run."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / STATE_FILE
+        return torch.load(path, map_location="cpu") if path.exists() else None
 
 
 def run_name(trial) -> str:
@@ -197,8 +205,9 @@ def check_state(settings: StudySettings, resume: bool) -> None:
 
 def run_study(param_space: dict, settings: StudySettings, resume: bool = False) -> tune.ResultGrid:
     """Run (or, with resume, continue) the study; call connect() first. A trial that raises is retried
-    max_failures times, then reported as failed while the others go on. Resuming keeps finished
-    trials, restarts unfinished and failed ones from their first epoch, and keeps the saved param_space."""
+    max_failures times from its last finished epoch, then reported as failed while the others go on.
+    Resuming keeps finished trials, continues unfinished ones after their last finished epoch, restarts
+    failed ones from their first, and keeps the saved param_space."""
     check_state(settings, resume)
     tracking_uri = mlflow.get_tracking_uri() if settings.mlflow else ""
     trainable = tune.with_resources(tune.with_parameters(train_trial, tracking_uri=tracking_uri),
@@ -232,8 +241,10 @@ def outcomes(results: tune.ResultGrid) -> list[dict]:
             status = metrics.get("status", UNFINISHED)
         history = result.metrics_dataframe
         epochs = [] if history is None or "epoch" not in history else history[history["epoch"].notna()]
-        if len(epochs):  # a retried or resumed trial starts again at epoch 1: its last attempt counts
-            epochs = epochs.loc[epochs.index[epochs["epoch"] == 1][-1]:].to_dict("records")
+        if len(epochs):  # a restarted trial begins again at epoch 1 (its last attempt counts), a resumed
+            # one after its last reported epoch (where an epoch shows twice, the later report counts)
+            epochs = epochs.loc[epochs.index[epochs["epoch"] == 1][-1]:]
+            epochs = epochs.drop_duplicates("epoch", keep="last").to_dict("records")
         config = (result.config or {}).get("config")  # None: the trial never started (interrupted study)
         rows.append({"config": config, "status": status, "metrics": metrics,
                      "history": epochs, "checkpoint": result.checkpoint})

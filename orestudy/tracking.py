@@ -49,18 +49,29 @@ class Tracker:
         self.client = mlflow.MlflowClient() if run_id else None
 
     @classmethod
-    def start(cls, config, run_dir: Path) -> "Tracker":
+    def start(cls, config, run_dir: Path, history: list[dict] = (), run_id: str | None = None) -> "Tracker":
+        """A new run; for a resumed one (history: its epochs so far), its run_id continued where the
+        store still has it, else a new run given those epochs."""
         if not config.mlflow:
             return cls(None)
         experiment_id = configure(config.output, config.experiment)
+        client = mlflow.MlflowClient()
+        if run_id:
+            try:
+                client.update_run(run_id, status="RUNNING")
+                return cls(run_id)
+            except mlflow.exceptions.MlflowException:  # resumed against another store
+                pass
         tags = {"mlflow.runName": config.run_name(), "run_dir": str(run_dir.resolve())}
         if config.parent_run:
             tags["mlflow.parentRunId"] = config.parent_run
-        client = mlflow.MlflowClient()
         run = client.create_run(experiment_id, tags=tags)
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v))
                                                    for k, v in asdict(config).items()])
-        return cls(run.info.run_id)
+        tracker = cls(run.info.run_id)
+        for row in history:
+            tracker.log_epoch(row)
+        return tracker
 
     def log_epoch(self, row: dict) -> None:
         if self.run_id:

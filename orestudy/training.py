@@ -3,7 +3,9 @@
 `run_experiment(config, report)` is the trainable every study calls: Ray Tune trials, Optuna searches
 and `python -m orestudy.train` all go through it. While the backbone is frozen, its feature maps are
 taken from the feature cache and only attention + head train; the test split is evaluated once, at the
-end, with the best-validation checkpoint, by `evaluate`, the one evaluation function.
+end, with the best-validation checkpoint, by `evaluate`, the one evaluation function. After every epoch
+`report` gets the training state, from which `run_experiment(config, resume=state)` continues the run
+exactly as if it had never stopped.
 """
 from __future__ import annotations
 
@@ -279,11 +281,15 @@ def train_views(config: TrainConfig) -> tuple[str, ...]:
     return data.PAPER_VIEWS if REGIMES[config.regime]["static_da"] else ("identity",)
 
 
-def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], None] | None = None) -> dict:
+def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | None = None,
+                   resume: dict | None = None) -> dict:
     """Train one configuration and test its best-validation checkpoint once. report(epoch_metrics,
-    checkpoint_path_or_None) is called after every epoch (Ray Tune's hook)."""
+    state) is called after every epoch (Ray Tune's hook); state (valid during the call: it holds the
+    live weights) is what resume takes to continue the run after that epoch."""
     from . import reports, tracking  # matplotlib and mlflow load only when a run starts
 
+    if resume is not None and resume["run_name"] != config.run_name():
+        raise ValueError(f"the training state to resume is of run {resume['run_name']}, not {config.run_name()}")
     started = time.time()
     threads = set_threads(config.threads)
     device = pick_device(config.device)
@@ -355,11 +361,20 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
             return forward, batches(samples, labels, config.batch_size, cache.batch)
         return model, batches(samples, labels, config.batch_size, images)
 
-    history, best = [], {"val_accuracy": -1.0}
-    best_state = None
-    tracker = tracking.Tracker.start(config, run_dir)
+    history, best, best_state, done, elapsed = [], {"val_accuracy": -1.0}, None, 0, 0.0
+    if resume is not None:  # every random stream included, so the epochs to come are the unbroken run's
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in resume:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+        history, best, best_state = resume["history"], resume["best"], resume["best_state"]
+        done, elapsed = resume["epoch"], resume["elapsed"]
+        print(f"[{config.run_name()}] resuming after epoch {done}/{config.epochs}", file=sys.stderr, flush=True)
+    tracker = tracking.Tracker.start(config, run_dir, history, resume["mlflow_run"] if resume else None)
     n_batches = -(-len(train_samples) // config.batch_size)
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(done + 1, config.epochs + 1):
         t0 = time.time()
         frozen = epoch <= config.freeze_epochs
         depth = model.depth if frozen else config.freeze_depth
@@ -399,7 +414,13 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
               f"{' *' if improved else ''} ({row['epoch_seconds']:.1f}s)", file=sys.stderr, flush=True)
         tracker.log_epoch(row)
         if report is not None:
-            report(row, run_dir / "best.pt" if improved else None)
+            state = {"run_name": config.run_name(), "epoch": epoch, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+                     "torch_rng": torch.get_rng_state(), "history": history, "best": best, "best_state": best_state,
+                     "elapsed": elapsed + time.time() - started, "mlflow_run": tracker.run_id}
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            report(row, state)
 
     # The best-validation checkpoint: its "unknown" threshold is chosen on validation, then the test
     # split is evaluated once. The part of the backbone that was frozen at the best epoch still holds
@@ -426,7 +447,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, Path | None], No
             if answered.any() else None  # JSON has no NaN
     result.update({
         "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
-        "wall_seconds": time.time() - started, "threads": threads, "device": str(device),
+        "wall_seconds": elapsed + time.time() - started, "threads": threads, "device": str(device),
         "precision": str(dtype or "fp32"), "n_train": len(prep.records["train"]), "n_val": len(prep.records["val"]),
         "n_test": len(prep.records["test"]), "n_train_samples": len(train_samples),
         "unreadable_files": [asdict(b) for b in prep.bad_files], "run_dir": str(run_dir)})

@@ -5,6 +5,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -265,47 +267,72 @@ def test_a_later_study_reuses_finished_trials_and_a_report_needs_no_rerun(tiny_r
 
 
 # ---------------------------------------------------------------------------------------------------
-# Interrupt a study after its first trial, then resume it
+# Interrupt a study after its first trial and during its second, then resume it
 
 def finished_trials(output: str) -> list[str]:
     return re.findall(r"\[study\] trial (\S+) finished: ok", output)
 
 
+def reported_epochs(trial_folders: Path, name: str) -> list[int]:
+    """The epochs Tune has taken in from a trial (its result.json rows), in order."""
+    return [int(e) for f in trial_folders.glob(f"{name}_*/result.json")
+            for e in re.findall(r'"epoch": (\d+)', f.read_text())]
+
+
 @pytest.mark.slow
-def test_interrupted_study_resumes_without_rerunning_finished_trials(image_folder, tmp_path):
-    grid = {**TINY_GRID, "tables": {"tiny": {"title": "Tiny", "cells": TINY_GRID["tables"]["tiny"]["cells"][:1]}}}
+def test_interrupted_study_resumes_without_rerunning_finished_trials_or_epochs(image_folder, tmp_path):
+    """Ctrl-C once one trial has finished and the next has reported an epoch: --resume keeps the
+    finished trial and continues the other after its last reported epoch, in the same MLflow run."""
+    grid = {**TINY_GRID, "paper": {**TINY_GRID["paper"], "epochs": 4},
+            "tables": {"tiny": {"title": "Tiny", "cells": TINY_GRID["tables"]["tiny"]["cells"][:1]}}}
+    names = [f"mobilenet_v2_scratch_f0_e4_s{s}" for s in (1, 2)]
+    trial_folders = tmp_path / "runs" / "ray_results" / "resumable"
     command = [sys.executable, "-m", "orestudy.replicate", "--seeds", "1,2", "--name", "resumable",
                *tiny_study(image_folder, tmp_path, grid=grid)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=study_env(),
                              cwd=REPO_ROOT, start_new_session=True)
     lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(first.stdout.readline, "")), daemon=True)
+    reader.start()
+
+    def second_trial_started() -> bool:
+        done = finished_trials("".join(lines))
+        return len(done) == 1 and any(reported_epochs(trial_folders, n) for n in names if n not in done)
+
     try:
-        for line in first.stdout:
-            lines.append(line)
-            if finished_trials(line):
-                first.send_signal(signal.SIGINT)  # Ctrl-C, once the first trial is done
-                break
-        lines.append(first.communicate(timeout=180)[0])
+        deadline = time.time() + 300
+        while not second_trial_started():
+            assert first.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)  # Ctrl-C
+        first.wait(timeout=180)
+        reader.join(timeout=30)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     before = "".join(lines)
-    done = finished_trials(before)
-    assert first.returncode == 1 and "--resume" in before, before[-3000:]
-    assert len(done) == 1
+    (done,) = finished_trials(before)
+    (stopped,) = [n for n in names if n != done]
+    last = max(reported_epochs(trial_folders, stopped))
+    assert first.returncode == 1 and "--resume" in before and 1 <= last < 4, before[-3000:]
 
     second = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=study_env(), cwd=REPO_ROOT,
                             timeout=300)
     after = second.stdout + second.stderr
     assert second.returncode == 0, after[-3000:]
-    rerun = finished_trials(after)
-    assert not set(done) & set(rerun) and sorted(done + rerun) == [f"mobilenet_v2_scratch_f0_e2_s{s}" for s in (1, 2)]
-    assert not any(f"[{name}] epoch" in after for name in done)
+    assert finished_trials(after) == [stopped] and f"[{done}] epoch" not in after
+    assert f"[{stopped}] resuming after epoch {last}/4" in after
+    assert [int(e) for e in re.findall(rf"\[{stopped}\] epoch (\d)/4", after)] == list(range(last + 1, 5))
     assert "n=2; 95% CI" in (tmp_path / "runs" / "resumable" / "report" / "report.md").read_text()
+    records = study.read_records(tmp_path / "runs" / "resumable" / "report" / "trials.jsonl")
+    assert all([h["epoch"] for h in r["history"]] == [1, 2, 3, 4] for r in records) and len(records) == 2
 
     runs = mlflow_runs(tmp_path / "runs")
     (parent,) = [r for r in runs if r.info.run_name == "resumable"]  # the resumed study kept its run
     assert parent.info.status == "FINISHED"
-    finished = sorted(r.info.run_name for r in runs if r.info.status == "FINISHED" and r is not parent
-                      and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
-    assert finished == [f"mobilenet_v2_scratch_f0_e2_s{s}" for s in (1, 2)]  # each trained to the end once
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == names  # one run each, the stopped one continued
+    assert all(r.info.status == "FINISHED" for r in children)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2, 3, 4]

@@ -1,3 +1,4 @@
+import io
 import json
 
 import mlflow
@@ -121,6 +122,45 @@ def test_same_seed_same_run(image_folder, tmp_path):
                        report=lambda row, ckpt: rows.append({k: v for k, v in row.items() if k != "epoch_seconds"}))
         histories.append(rows)
     assert histories[0] == histories[1]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_resumed_run_continues_exactly_where_it_stopped(image_folder, tmp_path):
+    """The state reported after an epoch continues the run as if it had never stopped: the same later
+    epochs (online augmentation's random draws included), the same best checkpoint and test result."""
+    config = tiny_config(image_folder, tmp_path, epochs=4, freeze_epochs=1, regime="scratch", attention="se",
+                         aug_strength=0.5)
+
+    def run(stop_after: int = 0, resume: dict | None = None) -> tuple[list[dict], dict | None, dict]:
+        rows, saved = [], {}
+
+        def report(row, state):
+            rows.append({k: v for k, v in row.items() if k != "epoch_seconds"})
+            if row["epoch"] == stop_after:
+                buffer = io.BytesIO()
+                torch.save(state, buffer)  # as a Tune checkpoint keeps it
+                saved["state"] = torch.load(io.BytesIO(buffer.getvalue()))
+                raise Interrupted
+
+        try:
+            result = run_experiment(config, report, resume)
+        except Interrupted:
+            result = None
+        return rows, saved.get("state"), result
+
+    unbroken, _, expected = run()
+    before, state, _ = run(stop_after=2)  # stopped after its first fine-tuning epoch
+    after, _, result = run(resume=state)
+    assert [r["epoch"] for r in before] == [1, 2] and [r["epoch"] for r in after] == [3, 4]
+    assert before + after == unbroken
+    for key in ("accuracy", "test_loss", "best_epoch", "best_val_accuracy", "confusion_matrix"):
+        assert result[key] == expected[key], key
+    assert result["wall_seconds"] >= state["elapsed"]
+    with pytest.raises(ValueError, match="training state to resume is of run"):
+        run_experiment(tiny_config(image_folder, tmp_path, epochs=3), resume=state)
 
 
 def test_bf16_autocast_agrees_with_fp32():
