@@ -78,7 +78,19 @@ def learning_curves(path: Path, history: list[dict], test_accuracy: float | None
     plt.close(fig)
 
 
+def write_predictions(path: Path, predictions: list[list], class_names: list[str]) -> None:
+    """training.per_image rows as CSV: split, sha256, label, predicted, confidence, one column per class."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "sha256", "label", "predicted", "confidence", *(f"p_{c}" for c in class_names)])
+        for split, sha, label, probs in predictions:
+            top = int(np.argmax(probs))
+            writer.writerow([split, sha, class_names[label], class_names[top], probs[top], *probs])
+
+
 def write_run_report(run_dir: Path, history: list[dict], result: dict, class_names: list[str]) -> None:
+    result = dict(result)
+    write_predictions(run_dir / "predictions.csv", result.pop("predictions", []), class_names)
     with (run_dir / "history.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()

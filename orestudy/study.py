@@ -128,7 +128,7 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
         return
     final = {k: result[k] for k in ("accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
                                     "wall_seconds", "confusion_matrix", "class_names", "device", "precision",
-                                    "threads", "run_dir") if k in result}
+                                    "threads", "run_dir", "predictions") if k in result}
     tune.report({"status": "ok", **final, "node_id": ray.get_runtime_context().get_node_id()},
                 checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
 
@@ -258,7 +258,8 @@ def outcomes(results: tune.ResultGrid) -> list[dict]:
 WHERE_FIELDS = ("threads", "device", "data", "output", "name", "cache", "mlflow", "experiment", "parent_run",
                 "progress")
 RECORD_METRICS = ("status", "reason", "accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
-                  "wall_seconds", "device", "precision", "threads", "confusion_matrix", "class_names")
+                  "wall_seconds", "device", "precision", "threads", "confusion_matrix", "class_names",
+                  "predictions")
 HISTORY_COLUMNS = ("epoch", "frozen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds")
 
 

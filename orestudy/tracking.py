@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 
-ARTIFACTS = ("config.json", "split.csv", "history.csv", "metrics.json", "confusion_matrix.png",
+ARTIFACTS = ("config.json", "split.csv", "history.csv", "metrics.json", "predictions.csv", "confusion_matrix.png",
              "learning_curves.png", "best.pt")
 
 

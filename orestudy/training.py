@@ -210,6 +210,14 @@ def evaluate(forward: Callable, loader, device, dtype) -> Evaluation:
     return Evaluation(sum(losses) / len(labels_np), float((preds == labels_np).mean()), labels_np, preds, probs_np)
 
 
+def per_image(split: str, records, evaluation: Evaluation) -> list[list]:
+    """[split, image content hash, true class index, softmax probabilities] per image: what lets two
+    runs on the same split be compared image by image (McNemar), and thresholds, prediction sets and
+    ensembles be calibrated on validation and checked on test later, from the records alone."""
+    return [[split, rec.sha256, int(label), [round(float(p), 5) for p in probs]]
+            for rec, label, probs in zip(records, evaluation.labels, evaluation.probabilities)]
+
+
 def unknown_threshold(confidence: np.ndarray, correct: np.ndarray, target_error: float) -> float:
     """The lowest top-1 probability above which validation predictions err at most target_error of the
     time (so the most photos get an answer); below it a prediction is reported as 'unknown'."""
@@ -429,6 +437,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | N
     model.eval()
     best_depth = model.depth if best["epoch"] <= config.freeze_epochs else config.freeze_depth
     val = evaluate(*eval_route(best_depth, val_samples, prep.labels["val"]), device, dtype)
+    outcomes = per_image("val", prep.records["val"], val)
     best["unknown_threshold"] = unknown_threshold(val.probabilities.max(1), val.predictions == val.labels,
                                                   config.unknown_target_error)
     best["unknown_target_error"] = config.unknown_target_error
@@ -439,6 +448,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | N
         test = evaluate(*eval_route(best_depth, test_samples, prep.labels["test"]), device, dtype)
         result = reports.classification_metrics(test.labels, test.predictions, prep.class_names)
         result["test_loss"] = test.loss
+        outcomes += per_image("test", prep.records["test"], test)
         # What the stored threshold does to unseen photos: how many get an answer, and how often it is right.
         answered = test.probabilities.max(1) >= best["unknown_threshold"]
         result["unknown_threshold"] = best["unknown_threshold"]
@@ -450,7 +460,8 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | N
         "wall_seconds": elapsed + time.time() - started, "threads": threads, "device": str(device),
         "precision": str(dtype or "fp32"), "n_train": len(prep.records["train"]), "n_val": len(prep.records["val"]),
         "n_test": len(prep.records["test"]), "n_train_samples": len(train_samples),
-        "unreadable_files": [asdict(b) for b in prep.bad_files], "run_dir": str(run_dir)})
+        "unreadable_files": [asdict(b) for b in prep.bad_files], "run_dir": str(run_dir),
+        "predictions": outcomes})
     reports.write_run_report(run_dir, history, result, prep.class_names)
     tracker.finish(result, run_dir, model)
     tested = f"test accuracy {result['accuracy']:.4f} macro-F1 {result['macro_f1']:.4f}" if config.evaluate_test \

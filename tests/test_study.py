@@ -194,6 +194,12 @@ def test_study_reports_ok_skipped_and_failed_cells(tiny_results):
     report = (tmp / "runs" / "tiny" / "report" / "report.md").read_text()
     assert "| MobileNetV2 | Scratch | trained |" in report and "skipped: weights unavailable offline" in report
     assert (tmp / "runs" / "tiny" / "report" / "learning_curves_mobilenet_v2.png").exists()
+    # The portable record keeps every validation and test image's outcome, for paired comparisons later.
+    (record,) = [r for r in study.read_records(tmp / "runs" / "tiny" / "report" / "trials.jsonl") if r["status"] == "ok"]
+    test = [row for row in record["metrics"]["predictions"] if row[0] == "test"]
+    assert len(test) == record["metrics"]["n_test"]
+    correct = sum(label == max(range(len(probs)), key=probs.__getitem__) for _, _, label, probs in test)
+    assert correct / len(test) == pytest.approx(record["metrics"]["accuracy"])
 
 
 @pytest.mark.slow

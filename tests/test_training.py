@@ -2,6 +2,7 @@ import io
 import json
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 
@@ -98,6 +99,12 @@ def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
                  "learning_curves.png", "best.pt"):
         assert (run_dir / name).exists(), name
     assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] == result["accuracy"]
+    # Per-image outcomes of the best checkpoint, validation and test, keyed by image content.
+    per_image = pd.read_csv(run_dir / "predictions.csv")
+    assert sorted(per_image["split"].value_counts().items()) == [("test", result["n_test"]), ("val", result["n_val"])]
+    test_rows = per_image[per_image["split"] == "test"]
+    assert (test_rows["label"] == test_rows["predicted"]).mean() == pytest.approx(result["accuracy"])
+    assert len(result["predictions"]) == len(per_image) and all(len(row[1]) == 64 for row in result["predictions"])
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     client = mlflow.MlflowClient()
@@ -109,7 +116,7 @@ def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
     val_history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in val_history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "confusion_matrix.png", "learning_curves.png", "best.pt"} <= artifacts
+    assert {"metrics.json", "predictions.csv", "confusion_matrix.png", "learning_curves.png", "best.pt"} <= artifacts
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
 
