@@ -19,7 +19,9 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import transforms as T
 
-from orestudy import data, models, training
+from orestudy import data, evaluation, models, training
+from orestudy.config import TrainConfig, default_data_root
+from orestudy.device import set_threads
 
 
 class PeakRSS:
@@ -65,7 +67,7 @@ def naive_transforms(mean, std, size=224):
     ]
 
 
-def run_naive(config: training.TrainConfig, target: float) -> dict:
+def run_naive(config: TrainConfig, target: float) -> dict:
     torch.manual_seed(config.seed)
     run_dir = Path(config.output) / "naive"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,19 +84,19 @@ def run_naive(config: training.TrainConfig, target: float) -> dict:
     started = time.time()
     for epoch in range(1, config.epochs + 1):
         t0 = time.time()
-        model.set_frozen_depth(model.depth if epoch <= config.freeze_epochs else 0)
+        model.freeze(model.depth if epoch <= config.freeze_epochs else 0)
         model.train()
         loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
         training.train_one_epoch(model, optimizer, loader, device, None, len(loader), "naive", False)
         model.eval()
-        val = training.evaluate(model, DataLoader(val_set, batch_size=config.batch_size), device, None)
+        val = evaluation.evaluate(model, DataLoader(val_set, batch_size=config.batch_size), device, None)
         epochs.append({"seconds": time.time() - t0, "val_accuracy": val.accuracy})
         if reached is None and val.accuracy >= target:
             reached = time.time() - started
     return {"epochs": epochs, "time_to_target": reached, "samples": len(train_set)}
 
 
-def run_orestudy(config: training.TrainConfig, target: float) -> dict:
+def run_orestudy(config: TrainConfig, target: float) -> dict:
     rows = []
     started = time.time()
     reached = []
@@ -112,18 +114,17 @@ def run_orestudy(config: training.TrainConfig, target: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(data.default_data_root()))
+    parser.add_argument("--data", default=str(default_data_root()))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--freeze-epochs", type=int, default=1)
     parser.add_argument("--target-accuracy", type=float, default=0.8)
     parser.add_argument("--skip-naive", action="store_true", help="time orestudy alone")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="orestudy-bench-"))
-    config = training.TrainConfig(data=args.data, output=str(work / "runs"), cache=str(work / "cache"),
-                                  epochs=args.epochs, freeze_epochs=args.freeze_epochs, mlflow=False,
-                                  progress=False)
-    training.set_threads(0)
-    training.scan_cached(config.data)  # both pipelines start from a scanned folder
+    config = TrainConfig(data=args.data, output=str(work / "runs"), cache=str(work / "cache"),
+                         epochs=args.epochs, freeze_epochs=args.freeze_epochs, mlflow=False, progress=False)
+    set_threads(0)
+    data.scan_cached(config.data)  # both pipelines start from a scanned folder
     results = {}
     if not args.skip_naive:
         with PeakRSS() as mem:

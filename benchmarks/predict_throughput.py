@@ -15,7 +15,9 @@ import time
 
 import torch
 
-from orestudy import data, predict, training
+from orestudy import evaluation, predict
+from orestudy.config import default_data_root
+from orestudy.device import set_threads
 
 
 def rate(n: int, started: float) -> float:
@@ -25,14 +27,14 @@ def rate(n: int, started: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="run folder or checkpoint")
-    parser.add_argument("--data", default=str(data.default_data_root()), help="folder of photos (searched recursively)")
+    parser.add_argument("--data", default=str(default_data_root()), help="folder of photos (searched recursively)")
     parser.add_argument("--images", type=int, default=0, help="how many (cycling through the folder); 0: each once")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
 
-    threads = training.set_threads(args.threads)
+    threads = set_threads(args.threads)
     device = torch.device("cpu")
     model, meta = predict.load_model(args.model, device)
     paths = predict.list_images([args.data])
@@ -47,7 +49,7 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, size, size)
     forward = predict.with_flips(model) if args.tta else model
     started = time.perf_counter()
-    for _ in training.infer(forward, ((x, None) for _ in range(n)), device, None):
+    for _ in evaluation.infer(forward, ((x, None) for _ in range(n)), device, None):
         pass
     forward_rate = rate(n * args.batch_size, started)
 

@@ -7,6 +7,7 @@ is reported and left out.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -24,13 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "minerals"
 SPLITS = ("train", "val", "test")
-
-
-def default_data_root() -> Path:
-    return Path(os.environ.get("ORESTUDY_DATA", DEFAULT_DATA))
 
 
 @dataclass(frozen=True)
@@ -297,3 +292,37 @@ def channel_stats(records: list[ImageRecord], input_size: int) -> tuple[list[flo
 def normalize(batch_uint8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     x = batch_uint8.float() / 255
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A scanned data set, once per process, and what is keyed by its content
+
+@functools.lru_cache(maxsize=4)
+def scan_cached(root: str, progress: bool = False, cache: str = ""):
+    """Scanning decodes every file: a process (a Ray worker running many trials) does it once, and
+    with a cache folder later processes decode only what changed."""
+    cache_file = Path(cache) / "scans" / f"{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]}.json"
+    return scan_folder(root, progress, cache_file if cache else None)
+
+
+def train_channel_stats(records, input_size: int, cache: str) -> tuple[list[float], list[float]]:
+    """channel_stats of the training images, kept in the cache folder by their content: it decodes
+    every training image, a second or two that every later run of the split skips."""
+    if not cache:
+        return channel_stats(records, input_size)
+    path = Path(cache) / "stats" / f"{dataset_fingerprint(records)}-{input_size}.json"
+    if path.exists():
+        return tuple(json.loads(path.read_text()))
+    stats = channel_stats(records, input_size)
+    write_json_atomic(path, stats)
+    return stats
+
+
+def dataset_fingerprint(records) -> str:
+    return hashlib.sha256("".join(sorted(r.sha256 for r in records)).encode()).hexdigest()[:10]
+
+
+def dataset_name(root: str | Path, records) -> str:
+    """A scanned data set by folder name and content, e.g. minerals-1a2b3c4d5e: what split manifests
+    and trial records are keyed by, so the same photos elsewhere are recognised and changed ones are not."""
+    return f"{Path(root).name}-{dataset_fingerprint(records)}"

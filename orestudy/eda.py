@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, tracking
+from . import config, data, tracking
 from .reports import plt  # matplotlib with the Agg backend: files only
 
 CHANNELS = ("red", "green", "blue")
@@ -284,28 +284,9 @@ def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, prog
     return stats
 
 
-def log_to_mlflow(output: Path, stats: dict, runs: str, experiment: str) -> str:
-    """The report as one MLflow run: its numbers as metrics, its files as artifacts; returns the run id."""
-    import mlflow
-
-    experiment_id = tracking.configure(runs, experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"eda-{Path(stats['data']).name}") as run:
-        mlflow.log_params({"data": stats["data"], "input_size": stats["input_size"], "seed": stats["seed"]})
-        metrics = {"n_images": stats["n_images"], "n_classes": len(stats["class_counts"]),
-                   "imbalance_ratio": stats["imbalance_ratio"], "n_unreadable": len(stats["unreadable"]),
-                   "n_near_duplicate_groups": len(stats["near_duplicate_groups"]),
-                   "n_cross_class_groups": stats["cross_class_groups"]}
-        metrics.update({f"mean_{c}": m for c, m in zip(CHANNELS, stats["mean"])})
-        metrics.update({f"std_{c}": s for c, s in zip(CHANNELS, stats["std"])})
-        metrics.update({f"images_{c}": n for c, n in stats["class_counts"].items()})
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifacts(str(output))
-    return run.info.run_id
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=data.default_data_root())
+    parser.add_argument("--data", type=Path, default=config.default_data_root())
     parser.add_argument("--output", type=Path, default=Path("runs/eda"))
     parser.add_argument("--input-size", type=int, default=224, help="model input size the mean/std are taken at")
     parser.add_argument("--seed", type=int, default=0, help="which photo of each class is shown")
@@ -317,7 +298,17 @@ def main(argv: list[str] | None = None) -> dict:
     stats = run_eda(args.data, args.output, args.input_size, args.seed, progress=sys.stderr.isatty())
     where = f"{args.output}/summary.md"
     if args.mlflow:
-        where += f", MLflow run {log_to_mlflow(args.output, stats, args.runs, args.experiment)}"
+        metrics = {"n_images": stats["n_images"], "n_classes": len(stats["class_counts"]),
+                   "imbalance_ratio": stats["imbalance_ratio"], "n_unreadable": len(stats["unreadable"]),
+                   "n_near_duplicate_groups": len(stats["near_duplicate_groups"]),
+                   "n_cross_class_groups": stats["cross_class_groups"],
+                   **{f"mean_{c}": m for c, m in zip(CHANNELS, stats["mean"])},
+                   **{f"std_{c}": s for c, s in zip(CHANNELS, stats["std"])},
+                   **{f"images_{c}": n for c, n in stats["class_counts"].items()}}
+        params = {k: stats[k] for k in ("data", "input_size", "seed")}
+        run_id = tracking.log_folder(args.runs, args.experiment, f"eda-{Path(stats['data']).name}", params,
+                                     metrics, args.output)
+        where += f", MLflow run {run_id}"
     print(f"{stats['n_images']} images, {len(stats['class_counts'])} classes, imbalance ratio "
           f"{stats['imbalance_ratio']:.2f}, {len(stats['unreadable'])} unreadable, "
           f"{len(stats['near_duplicate_groups'])} near-duplicate groups -> {where}", file=sys.stderr)

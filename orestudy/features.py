@@ -1,12 +1,14 @@
-"""Training samples and the frozen-backbone feature cache.
+"""Training samples, the frozen-backbone feature cache, and the route that feeds a frozen model from it.
 
 A sample is (image record, view name). Views are fixed per (image content, view, seed), so a frozen
 backbone's feature map for a sample never changes: it is computed once, kept in memory, and written
 to an on-disk cache that trials on the same machine share (atomic writes, so concurrent trials never
-read a half-written file).
+read a half-written file). `FrozenRoute` decides, per depth, whether a batch goes through the cache
+or through the whole model; both compute the same outputs (tests check it).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,9 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import models
 from .data import ImageRecord, make_view, normalize
-
-DEFAULT_CACHE = Path(os.environ.get("ORESTUDY_CACHE", Path.home() / ".cache" / "orestudy"))
+from .device import autocast, to_device
+from .evaluation import batches
 
 _VIEW_CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -94,3 +97,70 @@ def normalized_batch(samples, input_size, seed, strength, mean, std, online=None
         images = torch.stack([online(img) for img in images])
     # channels_last: about 20 % faster convolutions on CPU; feature maps stay plain (no conv follows)
     return normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
+
+
+class FrozenRoute:
+    """How a model whose backbone is frozen below a depth is fed. Whatever part is frozen is computed
+    once per fixed view, through an inference copy of that part, and cached: the whole backbone while
+    it is frozen, its first freeze_depth modules afterwards. A wholly frozen backbone is kept globally
+    pooled where the model allows (models.OreClassifier.pools_first). Without caching (or at depth 0)
+    batches go through the whole model."""
+
+    def __init__(self, model: models.OreClassifier, images, input_size: int, cache_root: str, cache_key: dict,
+                 device: torch.device, dtype, enabled: bool = True, progress: bool = False):
+        self.model, self.images, self.input_size = model, images, input_size
+        self.cache_root, self.cache_key, self.enabled = cache_root or None, cache_key, enabled
+        self.device, self.dtype, self.progress = device, dtype, progress
+        self.caches: dict[int, FeatureCache] = {}
+        self.inference: dict[int, torch.nn.Module] = {}  # made at the first cache miss; frozen weights never change
+
+    def uses_cache(self, depth: int) -> bool:
+        return bool(depth) and self.enabled
+
+    def keep_only(self, depth: int) -> None:
+        """Other depths' outputs are done with (a schedule only ever unfreezes)."""
+        self.caches = {d: c for d, c in self.caches.items() if d == depth}
+
+    def _part(self, depth: int) -> torch.nn.Module:
+        if depth not in self.inference:
+            self.inference[depth] = models.for_inference(self.model.frozen_part(depth), self.input_size,
+                                                         self.device, self.dtype)
+        return self.inference[depth]
+
+    def _route(self, depth: int):
+        """(cache of the frozen part's outputs, how to compute missing ones, the model's forward from them)."""
+        pooled = depth >= self.model.depth and self.model.pools_first
+        if depth not in self.caches:
+            self.caches[depth] = FeatureCache(self.cache_root, {**self.cache_key, "depth": depth, "pooled": pooled})
+
+        @torch.no_grad()
+        def compute(samples):
+            with autocast(self.device, self.dtype):
+                out = self._part(depth)(to_device(self.images(samples), self.device)).float()
+            return (out.mean((2, 3)) if pooled else out).cpu()
+        forward = self.model.forward_pooled if pooled else functools.partial(self.model.forward_from, depth)
+        return self.caches[depth], compute, forward
+
+    def eval_batches(self, depth: int, samples, labels, batch_size: int):
+        """(forward, batches) that evaluate samples with the backbone frozen below depth."""
+        if not self.uses_cache(depth):
+            return self.model, batches(samples, labels, batch_size, self.images)
+        cache, compute, forward = self._route(depth)
+        cache.fill(samples, compute, self.progress)
+        return forward, batches(samples, labels, batch_size, cache.batch)
+
+    def train_batches(self, depth: int, samples, labels, batch_size: int, generator: torch.Generator,
+                      online=None, bank: int = 1):
+        """(forward, shuffled batches) for one training epoch. Random online views cannot be cached:
+        while cached, each sample draws one of a fixed bank of online views per epoch."""
+        if not self.uses_cache(depth):
+            return self.model, batches(samples, labels, batch_size, lambda smp: self.images(smp, online), generator)
+        cache, compute, forward = self._route(depth)
+        if online is not None:
+            draws = torch.randint(bank, (len(samples),), generator=generator).tolist()
+            epoch_samples = [(r, f"{v}+online{k}") for (r, v), k in zip(samples, draws)]
+            needed = [(r, f"{v}+online{k}") for r, v in samples for k in range(bank)]
+        else:
+            epoch_samples = needed = samples
+        cache.fill(needed, compute, self.progress)
+        return forward, batches(epoch_samples, labels, batch_size, cache.batch, generator)

@@ -16,13 +16,11 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from .data import REPO_ROOT
+from .config import ATTENTIONS, BACKBONES, REPO_ROOT
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 TF_MEAN, TF_STD = [0.5] * 3, [0.5] * 3  # Google's TensorFlow weights take x / 127.5 - 1
-BACKBONES = ("alexnet", "vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet_v1")
-ATTENTIONS = ("none", "se", "cbam", "eca")
 MOBILENET_V1_FILE = "mobilenet_v1_1.0_224_imagenet.pth"
 
 
@@ -199,6 +197,7 @@ class OreClassifier(nn.Module):
         self.backbone = backbone
         self.attention = attention
         self.head = head
+        self.frozen_depth = 0
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.attention(features))
@@ -246,11 +245,22 @@ class OreClassifier(nn.Module):
         """The model's output from the frozen part's output at depth."""
         return self.forward_head(x if depth >= self.depth else self.backbone[depth:](x))
 
-    def set_frozen_depth(self, depth: int) -> None:
+    def freeze(self, depth: int) -> None:
+        """Freeze the backbone's first depth modules (all of it at self.depth), weights and BatchNorm
+        statistics together: no gradients, and eval mode even while the model trains, so a frozen part
+        computes exactly what its cached outputs hold."""
+        self.frozen_depth = depth
         for p in self.backbone.parameters():
             p.requires_grad_(True)
         for p in self.frozen_part(depth).parameters():
             p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.frozen_depth:
+            self.frozen_part(self.frozen_depth).eval()
+        return self
 
 
 def backbone_spec(name: str) -> BackboneSpec:

@@ -25,7 +25,8 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from . import data, models, training
+from . import data, device as devices, models
+from .evaluation import infer
 
 UNKNOWN = "unknown"
 
@@ -45,11 +46,9 @@ class Prediction:
 def checkpoint_file(source: str) -> Path:
     """best.pt of a run folder, a checkpoint file, or the best.pt artifact of an MLflow run / model."""
     if source.startswith(("runs:/", "models:/")):
-        import mlflow  # only URIs need it; it is slow to import
+        from . import tracking  # only URIs need mlflow; it is slow to import
 
-        run_id = (source.removeprefix("runs:/").strip("/").split("/")[0] if source.startswith("runs:/")
-                  else mlflow.models.get_model_info(source).run_id)
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="best.pt"))
+        return tracking.download_checkpoint(source)
     path = Path(source)
     if path.is_dir():
         path = path / "best.pt"
@@ -137,7 +136,7 @@ def predict(model: torch.nn.Module, meta: dict, paths: list[str], threshold: flo
     k = min(top_k, len(names))
     forward = with_flips(model) if tta else model
     batches = prefetched(decoded_batches(paths, batch_size, meta["input_size"], meta["mean"], meta["std"]))
-    for logits, (chunk, errors) in training.infer(forward, batches, device, dtype):
+    for logits, (chunk, errors) in infer(forward, batches, device, dtype):
         probs = iter(logits.softmax(1).cpu().tolist())
         for path, error in zip(chunk, errors):
             if error:
@@ -200,14 +199,14 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
         parser.error("--top-k and --batch-size must be >= 1")
     if args.output is not None and args.output.suffix not in (".csv", ".json"):
         parser.error(f"--output must end in .csv or .json, got {args.output}")
-    if "MLFLOW_TRACKING_URI" not in os.environ and args.model.startswith(("runs:/", "models:/")):
-        import mlflow
+    if args.model.startswith(("runs:/", "models:/")):
+        from . import tracking
 
-        mlflow.set_tracking_uri(f"sqlite:///{Path(args.runs).resolve() / 'mlflow.db'}")
+        tracking.use_store(args.runs)
 
-    training.set_threads(args.threads)
-    device = training.pick_device(args.device)
-    dtype = training.pick_precision(args.precision, device)
+    devices.set_threads(args.threads)
+    device = devices.pick_device(args.device)
+    dtype = devices.pick_precision(args.precision, device)
     try:
         model, meta = load_model(args.model, device, dtype)
     except FileNotFoundError as err:

@@ -1,9 +1,8 @@
-"""Reports: metrics from predictions, and the figures people would rather see than read."""
+"""Reports: run folders' files, tables as Markdown, and the figures people would rather see than read."""
 from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -13,22 +12,6 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import scipy.stats  # noqa: E402
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
-
-
-def classification_metrics(labels: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> dict:
-    ids = list(range(len(class_names)))
-    precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=ids,
-                                                                     zero_division=0)
-    return {
-        "accuracy": float((labels == predictions).mean()),
-        "macro_f1": float(f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for name, p, r, f, s in zip(class_names, precision, recall, f1, support)},
-        "confusion_matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),
-        "class_names": list(class_names),
-    }
 
 
 def plot_confusion(ax, matrix, class_names: list[str], title: str) -> None:
@@ -79,7 +62,7 @@ def learning_curves(path: Path, history: list[dict], test_accuracy: float | None
 
 
 def write_predictions(path: Path, predictions: list[list], class_names: list[str]) -> None:
-    """training.per_image rows as CSV: split, sha256, label, predicted, confidence, one column per class."""
+    """evaluation.per_image rows as CSV: split, sha256, label, predicted, confidence, one column per class."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["split", "sha256", "label", "predicted", "confidence", *(f"p_{c}" for c in class_names)])
@@ -104,33 +87,6 @@ def write_run_report(run_dir: Path, history: list[dict], result: dict, class_nam
 
 # ---------------------------------------------------------------------------------------------------
 # Studies: one cell's runs over seeds, summarised, and tables as Markdown
-
-def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion: where the accuracy of one model on one test
-    split of n images could lie, from test-set sampling alone (better than the normal interval near 1)."""
-    z = scipy.stats.norm.ppf(0.5 + confidence / 2)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def accuracy_summary(accuracies: list[float], n_test: list[int], confidence: float = 0.95) -> dict:
-    """Mean and sample standard deviation over seeds, and a confidence interval: Student's t over the
-    seeds when there are two or more (it covers split, initialisation and test-sampling variation), or
-    for a single run the Wilson interval of its one test split (test sampling only)."""
-    values = np.asarray(accuracies, dtype=float)
-    n, mean = len(values), float(values.mean())
-    if n >= 2:
-        std = float(values.std(ddof=1))
-        half = scipy.stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
-        low, high, method = max(0.0, mean - half), min(1.0, mean + half), "t over seeds"
-    else:
-        std = float("nan")
-        low, high = wilson_interval(round(mean * n_test[0]), n_test[0], confidence)
-        method = f"Wilson, {n_test[0]} test images"
-    return {"n": n, "mean": mean, "std": std, "ci_low": low, "ci_high": high, "ci_method": method}
-
 
 def markdown_table(frame: pd.DataFrame) -> str:
     text = frame.astype(str).map(lambda s: s.replace("|", "\\|"))

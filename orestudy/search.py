@@ -22,12 +22,11 @@ import os
 import re
 import time
 import warnings
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from unittest import mock
 
-import mlflow
 import numpy as np
 import optuna
 import pandas as pd
@@ -38,19 +37,18 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from . import data, models, reports, study, training
-from .training import TrainConfig, run_experiment
+from . import models, reports, stats, study, tracking
+from .config import REGIMES, REPO_ROOT, STUDY, WHERE, TrainConfig, default_data_root, defaults, fields_with_role
 
-SPACES_DIR = data.REPO_ROOT / "search_spaces"
-METRIC = "best_val_accuracy"  # the objective, and ASHA's signal: the best validation accuracy so far
+SPACES_DIR = REPO_ROOT / "search_spaces"
+METRIC = study.METRIC  # the objective, and ASHA's signal: the best validation accuracy so far
 PARAM_KEYS = {"int": {"low", "high"}, "float": {"low", "high"}, "loguniform": {"low", "high"},
               "categorical": {"choices"}}
 SECTIONS = {"description", "params", "fixed", "budget", "baseline"}
 BUDGET_KEYS = {"epochs", "grace_epochs", "reduction_factor", "trials"}
 # Where the data and results are and how trials run: set by the command line, never by a space.
-RUNTIME_FIELDS = {"data", "output", "name", "cache", "mlflow", "experiment", "parent_run", "threads",
-                  "device", "progress", "evaluate_test"}
-DEFAULTS = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(TrainConfig)}
+RUNTIME_FIELDS = set(fields_with_role(WHERE, STUDY))
+DEFAULTS = defaults()
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 YAML_FLOAT_HINT = " (YAML reads 1e-4 as text: write 1.0e-4)"
 
@@ -217,7 +215,7 @@ def check_weights(space: SearchSpace) -> None:
         return set(d.choices) if d is not None else {config.get(key, DEFAULTS[key])}
 
     for where, config, searched in (("params", space.config({}), True), ("baseline", space.baseline_config(), False)):
-        if not any(training.REGIMES[r]["weights"] == "imagenet" for r in values("regime", config, searched)):
+        if not any(REGIMES[r]["weights"] == "imagenet" for r in values("regime", config, searched)):
             continue
         for backbone in sorted(values("backbone", config, searched)):
             try:
@@ -310,32 +308,7 @@ class TPESearch(OptunaSearch):
 # ---------------------------------------------------------------------------------------------------
 # Trials
 
-def search_trial(params: dict, tracking_uri: str = "") -> None:
-    """A search trial: study.train_trial's run, validation only. The test split is not evaluated, and
-    every epoch reports, beside its row, the best validation accuracy so far (the objective) with its
-    epoch and validation loss (the tie-break)."""
-    if tracking_uri:  # the driver's store, wherever this trial runs
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 0)
-    config = TrainConfig.from_dict({**params["config"], "threads": int(cpus), "progress": False,
-                                    "evaluate_test": False})
-    best = {METRIC: -1.0}
-
-    def report(row: dict, state: dict) -> None:  # an interrupted search asks again: no state to keep
-        if row["val_accuracy"] > best[METRIC]:
-            best.update({METRIC: row["val_accuracy"], "best_val_loss": row["val_loss"], "best_epoch": row["epoch"]})
-        tune.report({**row, **best})
-
-    run_experiment(config, report)
-
-
-def end_stopped_runs(experiment: str, tag: str, value: str) -> None:
-    """A trial Tune stops (ASHA, the time budget) or a killed search cannot end its MLflow run: runs
-    with this tag still RUNNING are ended as KILLED. Only for runs no trial is still writing to."""
-    found = mlflow.get_experiment_by_name(experiment)
-    client = mlflow.MlflowClient()
-    for run in client.search_runs([found.experiment_id], f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'"):
-        client.set_terminated(run.info.run_id, "KILLED")
+end_stopped_runs = tracking.end_stopped_runs
 
 
 class SearchLog(tune.Callback):
@@ -373,7 +346,7 @@ class SearchSettings:
     baseline_seeds: tuple[int, ...] = ()  # its seeds; (): the best's (a full fine-tuning recipe costs more)
     resume: bool = False
     sampler_seed: int = 0
-    data: str = field(default_factory=lambda: str(data.default_data_root()))
+    data: str = field(default_factory=lambda: str(default_data_root()))
     cache: str = DEFAULTS["cache"]
     device: str = "auto"
 
@@ -389,21 +362,13 @@ def run_trials(found: optuna.Study, storage, space: SearchSpace, settings: study
     searcher = TPESearch(space.params, metric=METRIC, mode="max",
                          sampler=sampler, study_name=found.study_name, storage=storage,
                          search=settings.name, epochs=space.epochs)
-    resources = study.trial_resources(settings)
-    tracking_uri = mlflow.get_tracking_uri() if settings.mlflow else ""
-    trainable = tune.with_resources(tune.with_parameters(search_trial, tracking_uri=tracking_uri), resources)
-    tuner = tune.Tuner(
-        trainable, param_space={"config": base},
-        tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", search_alg=searcher, num_samples=n,
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=space.epochs, grace_period=space.grace_epochs,
-                                    reduction_factor=space.reduction_factor, stop_last_trials=False),
-            max_concurrent_trials=concurrent_trials(resources), time_budget_s=time_budget_s or None,
-            trial_name_creator=study.run_name, trial_dirname_creator=study.trial_dirname),
-        run_config=tune.RunConfig(name=f"session-{datetime.now():%Y%m%d-%H%M%S}", storage_path=settings.path,
-                                  callbacks=[SearchLog()],
-                                  failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
-    tuner.fit()
+    # Search trials evaluate validation only: the test split stays unseen until the retraining.
+    study.tuner(settings, {"config": {**base, "evaluate_test": False}}, f"session-{datetime.now():%Y%m%d-%H%M%S}",
+                settings.path, [SearchLog()], metric=METRIC, mode="max", search_alg=searcher, num_samples=n,
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=space.epochs, grace_period=space.grace_epochs,
+                                        reduction_factor=space.reduction_factor, stop_last_trials=False),
+                max_concurrent_trials=concurrent_trials(study.trial_resources(settings)),
+                time_budget_s=time_budget_s or None).fit()
     requeue_interrupted(found)  # trials the time budget cut short
     if settings.mlflow:
         end_stopped_runs(settings.experiment, "mlflow.parentRunId", base["parent_run"])
@@ -483,7 +448,7 @@ def summarise(outcomes: list[dict]) -> dict | None:
     ok = [o for o in outcomes if o["status"] == "ok"]
     if not ok:
         return None
-    summary = reports.accuracy_summary([o["metrics"]["accuracy"] for o in ok], [o["metrics"]["n_test"] for o in ok])
+    summary = stats.accuracy_summary([o["metrics"]["accuracy"] for o in ok], [o["metrics"]["n_test"] for o in ok])
     summary["per_seed"] = {o["config"]["seed"]: o["metrics"]["accuracy"] for o in ok}
     summary["macro_f1_mean"] = float(np.mean([o["metrics"]["macro_f1"] for o in ok]))
     summary["not_ok"] = {o["config"]["seed"]: o["status"] for o in outcomes if o["status"] != "ok"}
@@ -589,7 +554,7 @@ def run_search(space: SearchSpace, settings: study.StudySettings, options: Searc
     check_weights(space)
     folder = Path(settings.output) / settings.name
     found, storage = open_study(space, folder, settings.name, options.resume)
-    parent = study.start_parent_run(settings, {
+    parent = tracking.start_parent_run(settings.output, settings.experiment, settings.path, settings.name, {
         "space": space.name, "space_file": str(space.path), "epochs": space.epochs,
         "grace_epochs": space.grace_epochs, "reduction_factor": space.reduction_factor,
         "sampler_seed": options.sampler_seed, **{f"fixed.{k}": v for k, v in space.fixed.items()}},
@@ -632,7 +597,7 @@ def run_search(space: SearchSpace, settings: study.StudySettings, options: Searc
             if s:
                 key = label.split()[0]
                 metrics.update({f"{key}_test_accuracy_mean": s["mean"], f"{key}_test_accuracy_std": s["std"]})
-        study.finish_parent_run(parent, [*files, space.path], {k: v for k, v in metrics.items()
+        tracking.finish_parent_run(parent, [*files, space.path], {k: v for k, v in metrics.items()
                                                                  if not math.isnan(v)}, finished=True)
     print(f"[search] report: {folder / 'report.md'}", flush=True)
     return summary
@@ -672,7 +637,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline-seeds", type=int, nargs="+", default=[],
                         help="the baseline's seeds, when fewer than --seeds are affordable (default: the same)")
     parser.add_argument("--sampler-seed", type=int, default=0, help="TPE's seed")
-    parser.add_argument("--data", default=str(data.default_data_root()), help="the data set folder")
+    parser.add_argument("--data", default=str(default_data_root()), help="the data set folder")
     parser.add_argument("--output", default="runs", help="searches live in OUTPUT/NAME; MLflow in OUTPUT/mlflow.db")
     parser.add_argument("--storage-path", default="", help="Ray Tune's results (default: OUTPUT/ray_results; on a "
                                                            "cluster a folder every node mounts, or a URI)")

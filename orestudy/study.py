@@ -19,13 +19,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import mlflow
 import ray
 import torch
 from ray import tune
 
 from . import models, tracking
-from .training import TrainConfig, run_experiment
+from .config import DEFAULT_CACHE, WHERE, TrainConfig, computation, default_data_root, option
+from .training import run_experiment
 
 SKIPPED_OFFLINE = "skipped: weights unavailable offline"
 UNFINISHED = "unfinished"
@@ -36,18 +36,31 @@ LOCAL_OBJECT_STORE_BYTES = 100 * 2**20  # trials pass files, not objects: a smal
 
 @dataclass
 class StudySettings:
-    name: str                     # the study's folder under storage_path, and its MLflow run name
-    output: str = "runs"          # run folders live in output/name; the MLflow store in output/
-    storage_path: str = ""        # Tune's results and checkpoints: "" = output/ray_results; on a
-                                  # cluster a folder every node mounts, or a URI (s3://, gs://)
-    experiment: str = "orestudy"  # MLflow experiment
-    mlflow: bool = True
-    max_failures: int = 2         # retries of a trial that raised, before it counts as failed
-    cpus_per_trial: int = 0       # 0: a whole (smallest) node, or its share per GPU trial
-    gpus_per_trial: float = 0.0   # 0: one GPU where nodes have GPUs; a fraction shares one
+    """Where a study (replicate's grid, a search) lives and how its trials are run: one CLI section
+    shared by both faces (cli.add_options)."""
+    name: str = option("", "the study's name: its folder under --output and --storage-path, and its MLflow "
+                           "run (default: derived from the command)", role=WHERE)
+    output: str = option("runs", "run folders live in OUTPUT/NAME; the MLflow store in OUTPUT", role=WHERE)
+    storage_path: str = option("", "Ray Tune's results and checkpoints: a folder every node reaches, or "
+                                   "s3:// gs:// (default: OUTPUT/ray_results)", role=WHERE)
+    experiment: str = option("orestudy", "MLflow experiment", role=WHERE)
+    mlflow: bool = option(True, "log the study and its trials to MLflow", role=WHERE)
+    max_failures: int = option(2, "retries of a trial that raised, from its last finished epoch, before "
+                                  "it counts as failed", role=WHERE)
+    cpus_per_trial: int = option(0, "0: a whole (smallest) node, or its share per GPU trial", role=WHERE)
+    gpus_per_trial: float = option(0.0, "0: one GPU where nodes have GPUs; a fraction shares one", role=WHERE)
+    data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
+                             "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
+    cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps features in memory only", role=WHERE)
+    device: str = option("auto", "the trials' device: cpu, cuda; auto: CUDA where a node has it", role=WHERE)
+    address: str = option("", "a Ray cluster to join ('auto': the one running here, or host:port); "
+                              "default: start Ray in this process", role=WHERE)
 
     def __post_init__(self):
-        self.output = str(Path(self.output).resolve())  # trials run in their own working folder
+        # Trials run in their own working folders: every path they are given is absolute.
+        self.output = str(Path(self.output).resolve())
+        self.data = str(Path(self.data).resolve())
+        self.cache = str(Path(self.cache).resolve()) if self.cache else ""
         if not self.storage_path:
             self.storage_path = str(Path(self.output) / "ray_results")
         elif "://" not in self.storage_path:
@@ -104,27 +117,36 @@ def trial_resources(settings: StudySettings) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------
 # One trial
 
+METRIC = "best_val_accuracy"  # every epoch's report carries the best validation accuracy so far
+
+
 def train_trial(params: dict, tracking_uri: str = "") -> None:
-    """A Tune trial: run_experiment(params["config"]) with as many threads as CPUs the trial holds.
-    Every epoch is reported with tune.report and the training state as its checkpoint, so a trial that
-    is interrupted (Ctrl-C, a lost node) or retried continues after its last reported epoch. The last
-    report carries the test result and the whole run folder as the final checkpoint, or, when the
-    backbone's ImageNet weights are not available offline, the skip and its reason: a skip returns
-    normally, so it is never retried."""
+    """The one Tune trial: run_experiment(params["config"]) with as many threads as CPUs the trial holds.
+    Every epoch is reported with tune.report, beside its row the best validation accuracy so far
+    (METRIC: a search's objective and ASHA's signal) with its epoch and loss, and with the training
+    state as its checkpoint, so a trial that is interrupted (Ctrl-C, a lost node) or retried continues
+    after its last reported epoch. A trial that evaluates the test split ends with one more report:
+    the test result and the whole run folder as the final checkpoint, or, when the backbone's ImageNet
+    weights are not available offline, the skip and its reason (a skip returns normally, so it is
+    never retried). A search trial (evaluate_test off) ends with its last epoch's report."""
     if tracking_uri:  # the driver's store, wherever this trial runs
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 0)
     config = TrainConfig.from_dict({**params["config"], "threads": int(cpus), "progress": False})
 
     def report(row: dict, state: dict) -> None:
+        best = state["best"]
         with tempfile.TemporaryDirectory() as folder:  # report() copies it to storage before returning
             torch.save(state, Path(folder) / STATE_FILE)
-            tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report({**row, METRIC: best["val_accuracy"], "best_val_loss": best["val_loss"],
+                         "best_epoch": best["epoch"]}, checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:
         result = run_experiment(config, report, resume=saved_state(tune.get_checkpoint()))
     except models.WeightsUnavailable as err:
         tune.report({"status": SKIPPED_OFFLINE, "reason": str(err)})
+        return
+    if not config.evaluate_test:
         return
     final = {k: result[k] for k in ("accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
                                     "wall_seconds", "confusion_matrix", "class_names", "device", "precision",
@@ -165,28 +187,6 @@ class TrialLog(tune.Callback):
 # ---------------------------------------------------------------------------------------------------
 # The study
 
-def start_parent_run(settings: StudySettings, params: dict, resume: bool) -> str:
-    """The study's MLflow run, whose nested children are the trials; on resume, the one already made."""
-    experiment_id = tracking.configure(settings.output, settings.experiment)
-    client = mlflow.MlflowClient()
-    if resume:
-        found = client.search_runs([experiment_id], f"tags.`orestudy.study` = '{settings.path}'", max_results=1)
-        if found:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            return found[0].info.run_id
-    run = client.create_run(experiment_id, tags={"mlflow.runName": settings.name, "orestudy.study": settings.path})
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
-    return run.info.run_id
-
-
-def finish_parent_run(run_id: str, files: list[Path], metrics: dict[str, float], finished: bool) -> None:
-    client = mlflow.MlflowClient()
-    for path in files:
-        client.log_artifact(run_id, str(path))
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
-    client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
-
-
 def saved_results(settings: StudySettings) -> tune.ResultGrid:
     """The study at settings.path as it stands (finished, failed and unfinished trials), running nothing."""
     if not tune.Tuner.can_restore(settings.path):
@@ -203,28 +203,37 @@ def check_state(settings: StudySettings, resume: bool) -> None:
         raise FileExistsError(f"a study already exists at {settings.path}")
 
 
+def trainable(settings: StudySettings):
+    """train_trial with the driver's MLflow store and the trial's resources."""
+    tracking_uri = tracking.current_uri() if settings.mlflow else ""
+    return tune.with_resources(tune.with_parameters(train_trial, tracking_uri=tracking_uri), trial_resources(settings))
+
+
+def tuner(settings: StudySettings, param_space: dict, name: str, storage_path: str, callbacks: list,
+          **tune_config) -> tune.Tuner:
+    """The one Tuner of every study: trials named after their run, one checkpoint kept (the last epoch's
+    state, or the finished run's folder), max_failures retries; tune_config adds a searcher, a
+    scheduler, a metric and a trial count where a search wants them."""
+    return tune.Tuner(
+        trainable(settings), param_space=param_space,
+        tune_config=tune.TuneConfig(trial_name_creator=run_name, trial_dirname_creator=trial_dirname, **tune_config),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks, verbose=1,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
 def run_study(param_space: dict, settings: StudySettings, resume: bool = False) -> tune.ResultGrid:
     """Run (or, with resume, continue) the study; call connect() first. A trial that raises is retried
     max_failures times from its last finished epoch, then reported as failed while the others go on.
     Resuming keeps finished trials, continues unfinished ones after their last finished epoch, restarts
     failed ones from their first, and keeps the saved param_space."""
     check_state(settings, resume)
-    tracking_uri = mlflow.get_tracking_uri() if settings.mlflow else ""
-    trainable = tune.with_resources(tune.with_parameters(train_trial, tracking_uri=tracking_uri),
-                                    trial_resources(settings))
     if resume:
-        tuner = tune.Tuner.restore(settings.path, trainable, resume_unfinished=True, restart_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            # A reused worker keeps its decoded images and data scan from one trial to the next.
-            tune_config=tune.TuneConfig(trial_name_creator=run_name, trial_dirname_creator=trial_dirname,
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=settings.name, storage_path=settings.storage_path, callbacks=[TrialLog()], verbose=1,
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    return tuner.fit()
+        return tune.Tuner.restore(settings.path, trainable(settings), resume_unfinished=True,
+                                  restart_errored=True).fit()
+    # A reused worker keeps its decoded images and data scan from one trial to the next.
+    return tuner(settings, param_space, settings.name, settings.storage_path, [TrialLog()], reuse_actors=True).fit()
 
 
 def outcomes(results: tune.ResultGrid) -> list[dict]:
@@ -254,17 +263,10 @@ def outcomes(results: tune.ResultGrid) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # Portable trial records
 
-# TrainConfig fields that say where a run lives and how it is watched, not what it computes.
-WHERE_FIELDS = ("threads", "device", "data", "output", "name", "cache", "mlflow", "experiment", "parent_run",
-                "progress")
 RECORD_METRICS = ("status", "reason", "accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
                   "wall_seconds", "device", "precision", "threads", "confusion_matrix", "class_names",
                   "predictions")
 HISTORY_COLUMNS = ("epoch", "frozen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds")
-
-
-def computation(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in WHERE_FIELDS}
 
 
 def computation_key(config: dict) -> str | None:
@@ -323,3 +325,13 @@ def planned(configs: list[dict], outcomes: list[dict]) -> list[dict]:
     ran = {computation_key(o["config"]): o for o in outcomes if o["config"] is not None}
     return [ran.get(computation_key(c)) or {"config": c, "status": UNFINISHED, "metrics": {}, "history": [],
                                              "checkpoint": None} for c in configs]
+
+
+def unique_records(records: list[dict]) -> list[dict]:
+    """One record per (data set, computation): the one that keeps per-image outcomes, else the last."""
+    kept: dict = {}
+    for r in records:
+        key = (r["dataset"], computation_key(r["config"]))
+        if key not in kept or "predictions" in r["metrics"] or "predictions" not in kept[key]["metrics"]:
+            kept[key] = r
+    return list(kept.values())

@@ -91,3 +91,68 @@ class Tracker:
             mlflow.pytorch.log_model(model.cpu(), name="model", serialization_format="pickle",
                                      pip_requirements=["torch", "torchvision"])
         self.client.set_terminated(self.run_id)
+
+
+def current_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A study's run: the parent of its trials' runs
+
+def start_parent_run(output: str, experiment: str, study_path: str, name: str, params: dict, resume: bool) -> str:
+    """The study's MLflow run, whose nested children are the trials; on resume, the one already made
+    (found by the study's path, its identity)."""
+    experiment_id = configure(output, experiment)
+    client = mlflow.MlflowClient()
+    if resume:
+        found = client.search_runs([experiment_id], f"tags.`orestudy.study` = '{study_path}'", max_results=1)
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    run = client.create_run(experiment_id, tags={"mlflow.runName": name, "orestudy.study": study_path})
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def finish_parent_run(run_id: str, files: list[Path], metrics: dict[str, float], finished: bool) -> None:
+    client = mlflow.MlflowClient()
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
+
+
+def end_stopped_runs(experiment: str, tag: str, value: str) -> None:
+    """A trial Tune stops (ASHA, the time budget) or a killed search cannot end its MLflow run: runs
+    with this tag still RUNNING are ended as KILLED. Only for runs no trial is still writing to."""
+    found = mlflow.get_experiment_by_name(experiment)
+    client = mlflow.MlflowClient()
+    for run in client.search_runs([found.experiment_id], f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs of the other commands
+
+def log_folder(output: str | Path, experiment: str, name: str, params: dict, metrics: dict, folder: Path) -> str:
+    """One MLflow run of a report folder (the EDA): params, metrics and every file; returns its id."""
+    experiment_id = configure(output, experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(folder))
+    return run.info.run_id
+
+
+def use_store(output: str | Path) -> None:
+    """Resolve MLflow URIs against the store in output/ unless MLFLOW_TRACKING_URI names another."""
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        mlflow.set_tracking_uri(f"sqlite:///{Path(output).resolve() / 'mlflow.db'}")
+
+
+def download_checkpoint(source: str) -> Path:
+    """best.pt of an MLflow run (runs:/<id>) or registered model (models:/<name>/<version>)."""
+    run_id = (source.removeprefix("runs:/").strip("/").split("/")[0] if source.startswith("runs:/")
+              else mlflow.models.get_model_info(source).run_id)
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="best.pt"))

@@ -1,4 +1,4 @@
-"""Run one configuration from the command line.
+"""Train one configuration and test it once.
 
     python -m orestudy.train --backbone mobilenet_v2 --regime tl_da --attention se --freeze-epochs 10
 """
@@ -6,34 +6,23 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import MISSING, fields
 
-from .training import TrainConfig, run_experiment
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """One --option per config field, typed from its default."""
-    for f in fields(cls):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, metavar=type(default).__name__.upper())
-
-
-def config_from_args(args: argparse.Namespace, cls=TrainConfig):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+from . import cli
+from .config import STUDY, WHERE, TrainConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    parser = argparse.ArgumentParser(prog="python -m orestudy.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_options(parser, TrainConfig, exclude=("parent_run", "evaluate_test"),
+                    group_titles={WHERE: "where the run lives and how it is watched", STUDY: "set by studies"})
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = cli.from_args(args, TrainConfig)
     except ValueError as err:
         parser.error(str(err))
+    from .training import run_experiment  # torch loads only when a run starts
+
     result = run_experiment(config)
     print(json.dumps({k: result[k] for k in ("accuracy", "macro_f1", "best_epoch", "best_val_accuracy",
                                              "wall_seconds", "run_dir")}, indent=2))

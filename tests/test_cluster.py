@@ -17,7 +17,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from orestudy.data import REPO_ROOT
+from orestudy.config import REPO_ROOT
 
 CLUSTER_YAML = REPO_ROOT / "ray_cluster.yaml"
 

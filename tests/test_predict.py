@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from orestudy import data, features, models, predict, training
+from orestudy import config, data, evaluation, features, models, predict, training
 from conftest import COLOURS, png_folder
 
 
@@ -17,11 +17,11 @@ def trained(tmp_path_factory):
     head trains, in about a second): (image folder, run folder)."""
     root = tmp_path_factory.mktemp("predict")
     folder = png_folder(root / "minerals")
-    config = training.TrainConfig(data=str(folder), output=str(root / "runs"), cache="", regime="tl",
-                                  epochs=2, freeze_epochs=2, lr=1e-2, image_size=64, batch_size=8, threads=1,
-                                  progress=False, mlflow=False)
-    training.run_experiment(config)
-    return folder, root / "runs" / config.run_name()
+    run_config = config.TrainConfig(data=str(folder), output=str(root / "runs"), cache="", regime="tl",
+                                    epochs=2, freeze_epochs=2, lr=1e-2, image_size=64, batch_size=8, threads=1,
+                                    progress=False, mlflow=False)
+    training.run_experiment(run_config)
+    return folder, root / "runs" / run_config.run_name()
 
 
 @pytest.fixture
@@ -85,9 +85,9 @@ def test_probabilities_are_those_of_validation(trained):
     model, meta = models.load_checkpoint(run_dir / "best.pt")
     records, _ = data.scan_folder(folder)
     size, mean, std = meta["input_size"], meta["mean"], meta["std"]
-    loader = training.batches([(r, "identity") for r in records], [0] * len(records), 8,
+    loader = evaluation.batches([(r, "identity") for r in records], [0] * len(records), 8,
                               lambda smp: features.normalized_batch(smp, size, 0, 0.0, mean, std))
-    expected = training.evaluate(model, loader, torch.device("cpu"), None).probabilities
+    expected = evaluation.evaluate(model, loader, torch.device("cpu"), None).probabilities
     ready, _ = predict.load_model(str(run_dir))
     preds = predict.predict(ready, meta, [r.path for r in records], threshold=None, top_k=3, batch_size=7)
     got = np.array([[dict(p.top)[c] for c in meta["class_names"]] for p in preds])

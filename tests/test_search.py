@@ -158,7 +158,7 @@ def test_trials_stopped_early_are_pruned_not_complete(tmp_path):
 
 def test_stopped_trial_ends_its_mlflow_run(tmp_path, monkeypatch):
     from orestudy import tracking
-    from orestudy.training import TrainConfig
+    from orestudy.config import TrainConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = {}

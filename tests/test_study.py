@@ -15,8 +15,8 @@ import pytest
 import scipy.stats
 import yaml
 
-from orestudy import replicate, reports, study
-from orestudy.data import REPO_ROOT
+from orestudy import grid as grids, grid_report, replicate, stats, study
+from orestudy.config import REPO_ROOT
 
 # Three tiny cells: one trains, one needs ImageNet weights that are not here, one reads a folder that
 # does not exist (a trial that raises).
@@ -53,12 +53,12 @@ def study_env(**extra) -> dict:
 # The grid
 
 def paper_grid():
-    return yaml.safe_load(replicate.GRID.read_text()), yaml.safe_load(replicate.PUBLISHED.read_text())
+    return yaml.safe_load(grids.GRID.read_text()), yaml.safe_load(grids.PUBLISHED.read_text())
 
 
 def test_paper_grid_has_the_papers_tables_and_the_v1_rows():
     grid, published = paper_grid()
-    cells = replicate.grid_cells(grid)
+    cells = grids.grid_cells(grid)
     table3 = [c for c in cells if c.table == "table3"]
     table4 = [c for c in cells if c.table == "table4"]
     assert len(table3) == 6 * 3 and len(table4) == 2 * 3 * 3
@@ -67,19 +67,19 @@ def test_paper_grid_has_the_papers_tables_and_the_v1_rows():
     assert all(c.schedule == ("unfrozen" if c.regime == "scratch" else "frozen") for c in table3)
 
     shared = {**grid["paper"], "mlflow": False}
-    configs = replicate.trial_configs(grid, cells, [231], shared)
+    configs = grids.trial_configs(grid, cells, [231], shared)
     assert len(configs) == 36 - 4  # Table IV's frozen TL and TL+DA rows are Table III's: run once
     assert {(c["epochs"], c["lr"], c["batch_size"], c["dropout"], c["reduction"], c["seed"]) for c in configs} \
         == {(20, 1e-4, 32, 0.5, 8, 231)}
-    assert len(replicate.trial_configs(grid, cells, [231, 1, 2, 3, 4], shared)) == 5 * 32
+    assert len(grids.trial_configs(grid, cells, [231, 1, 2, 3, 4], shared)) == 5 * 32
     every_trial = {json.dumps(c, sort_keys=True) for c in configs}
     for cell in cells:  # every cell finds its trial
-        assert sum(json.dumps(c, sort_keys=True) in every_trial and replicate.belongs(c, cell, grid)
+        assert sum(json.dumps(c, sort_keys=True) in every_trial and grids.belongs(c, cell, grid)
                    for c in configs) == 1
 
     def value(source, table, backbone, row, schedule):
         (cell,) = [c for c in cells if (c.table, c.backbone, c.row, c.schedule) == (table, backbone, row, schedule)]
-        return replicate.published_value(published, source, cell)
+        return grid_report.published_value(published, source, cell)
 
     assert value("zhou2022", "table3", "alexnet", "tl", "frozen") is None
     assert value("replication", "table3", "alexnet", "tl", "frozen") == 0.812
@@ -91,22 +91,22 @@ def test_paper_grid_has_the_papers_tables_and_the_v1_rows():
 
 def test_filters_and_budget_scale_the_freezing_schedule():
     grid, _ = paper_grid()
-    cells = replicate.select(replicate.grid_cells(grid), only=["table4"], backbones=["mobilenet_v2"])
-    configs = replicate.trial_configs(grid, cells, [231, 1], {**grid["paper"], "epochs": 2})
+    cells = grids.select(grids.grid_cells(grid), only=["table4"], backbones=["mobilenet_v2"])
+    configs = grids.trial_configs(grid, cells, [231, 1], {**grid["paper"], "epochs": 2})
     assert len(configs) == 9 * 2
     assert sorted({c["freeze_epochs"] for c in configs}) == [0, 1, 2]  # unfrozen, frozen10 -> 1 of 2, frozen
     assert [c["seed"] for c in configs[:9]] == [231] * 9  # every cell once before any repeat
     # One epoch: frozen for "the first 10 of 20" is frozen throughout, the same trial as "frozen".
-    tl = replicate.select(cells, rows=["tl"], schedules=["frozen", "frozen10"])
-    (one,) = replicate.trial_configs(grid, tl, [231], {**grid["paper"], "epochs": 1})
-    assert all(replicate.belongs(one, cell, grid) for cell in tl)
+    tl = grids.select(cells, rows=["tl"], schedules=["frozen", "frozen10"])
+    (one,) = grids.trial_configs(grid, tl, [231], {**grid["paper"], "epochs": 1})
+    assert all(grids.belongs(one, cell, grid) for cell in tl)
 
 
 def test_records_of_the_same_computation_on_the_same_data_stand_in_for_trials(tmp_path):
     grid, _ = paper_grid()
-    cells = replicate.select(replicate.grid_cells(grid), only=["table4"], backbones=["mobilenet_v2"], rows=["tl"])
+    cells = grids.select(grids.grid_cells(grid), only=["table4"], backbones=["mobilenet_v2"], rows=["tl"])
     here = {**grid["paper"], "epochs": 20, "data": "/here/minerals", "output": "/here/runs", "threads": 2}
-    first, second, third = replicate.trial_configs(grid, cells, [231], here)
+    first, second, third = grids.trial_configs(grid, cells, [231], here)
     elsewhere = {**first, "data": "/elsewhere/minerals", "output": "/elsewhere/runs", "threads": 16,
                  "parent_run": "abc"}
     del elsewhere["aug_bank"]  # a record from before a field existed: the field's default stands in
@@ -136,15 +136,15 @@ def test_records_of_the_same_computation_on_the_same_data_stand_in_for_trials(tm
 
 def test_accuracy_summary_t_over_seeds_and_wilson_for_one_run():
     values = [0.90, 0.93, 0.88, 0.95, 0.91]
-    s = reports.accuracy_summary(values, [171] * 5)
+    s = stats.accuracy_summary(values, [171] * 5)
     half = scipy.stats.t.ppf(0.975, 4) * s["std"] / 5 ** 0.5
     assert s["n"] == 5 and s["mean"] == pytest.approx(0.914) and s["ci_method"] == "t over seeds"
     assert (s["ci_low"], s["ci_high"]) == pytest.approx((0.914 - half, 0.914 + half))
-    one = reports.accuracy_summary([180 / 193], [193])
+    one = stats.accuracy_summary([180 / 193], [193])
     assert one["n"] == 1 and one["ci_method"] == "Wilson, 193 test images"
     assert one["ci_low"] < 180 / 193 < one["ci_high"]
     assert 0.03 < (one["ci_high"] - one["ci_low"]) / 2 < 0.04  # the "±3 pp" for one split
-    assert reports.wilson_interval(50, 50)[1] == pytest.approx(1.0)
+    assert stats.wilson_interval(50, 50)[1] == pytest.approx(1.0)
 
 
 def test_bad_options_are_named(image_folder, capsys):

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from orestudy import models
-from orestudy.training import TrainConfig, run_experiment
+from orestudy import models, tracking, training
+from orestudy.config import TrainConfig
+from orestudy.training import run_experiment
 
 
 def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
@@ -22,40 +23,27 @@ def backbone_state(model):
     return {k: v.clone() for k, v in model.backbone.state_dict().items()}
 
 
+def snapshots_of_a_run(config) -> list[dict]:
+    """The backbone's weights and BatchNorm statistics before training and after every epoch."""
+    run = training.build_run(config)
+    snapshots = [backbone_state(run.model)]
+    progress = training.Progress()
+    training.fit(run, progress, tracking.Tracker(None), report=lambda row, state: snapshots.append(backbone_state(run.model)))
+    return snapshots
+
+
 @pytest.mark.parametrize("cache_features", [True, False])
-def test_frozen_backbone_unchanged_then_trained(image_folder, tmp_path, monkeypatch, cache_features):
-    models_seen, snapshots = [], []
-    original = models.OreClassifier.set_frozen_depth
-
-    def spy(self, depth):
-        if not models_seen:
-            models_seen.append(self)
-            snapshots.append(backbone_state(self))  # before any training
-        original(self, depth)
-
-    monkeypatch.setattr(models.OreClassifier, "set_frozen_depth", spy)
+def test_frozen_backbone_unchanged_then_trained(image_folder, tmp_path, cache_features):
     config = tiny_config(image_folder, tmp_path, epochs=3, freeze_epochs=2, cache_features=cache_features)
-    run_experiment(config, report=lambda row, ckpt: snapshots.append(backbone_state(models_seen[0])))
-    start, after1, after2, after3 = snapshots
+    start, after1, after2, after3 = snapshots_of_a_run(config)
     for k in start:  # weights and BN running statistics alike
         assert torch.equal(start[k], after1[k]) and torch.equal(start[k], after2[k]), f"{k} changed while frozen"
     changed = [k for k in start if not torch.equal(after2[k], after3[k])]
     assert "0.0.weight" in changed and len(changed) > len(start) // 2
 
 
-def test_partial_freeze_keeps_lower_modules_fixed(image_folder, tmp_path, monkeypatch):
-    models_seen, snapshots = [], []
-    original = models.OreClassifier.set_frozen_depth
-
-    def spy(self, depth):
-        if not models_seen:
-            models_seen.append(self)
-            snapshots.append(backbone_state(self))
-        original(self, depth)
-
-    monkeypatch.setattr(models.OreClassifier, "set_frozen_depth", spy)
-    config = tiny_config(image_folder, tmp_path, epochs=2, freeze_epochs=0, freeze_depth=10)
-    run_experiment(config, report=lambda row, ckpt: snapshots.append(backbone_state(models_seen[0])))
+def test_partial_freeze_keeps_lower_modules_fixed(image_folder, tmp_path):
+    snapshots = snapshots_of_a_run(tiny_config(image_folder, tmp_path, epochs=2, freeze_epochs=0, freeze_depth=10))
     start, end = snapshots[0], snapshots[-1]
     low = [k for k in start if int(k.split(".")[0]) < 10]
     high = [k for k in start if int(k.split(".")[0]) >= 10 and k.endswith("weight")]

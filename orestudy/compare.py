@@ -1,0 +1,41 @@
+"""The effects table of any trial records: every two configurations that differ in one factor, paired by seed.
+
+    python -m orestudy.compare docs/results/*/trials.jsonl --output docs/results/mobilenet_effects
+    python -m orestudy.compare runs/a/report/trials.jsonl runs/b/report/trials.jsonl --backbones mobilenet_v2
+
+Writes effects.md, effects.csv and effects.png (paired differences per seed, one row per contrast) and
+prints the table. A configuration found in several files counts once (the record that keeps per-image
+outcomes wins), so overlapping studies can be given together.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import cli
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m orestudy.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("records", nargs="+", help="trials.jsonl files (a replicate or search report's)")
+    p.add_argument("--output", type=Path, default=Path("runs/effects"), help="folder for the table and figure "
+                                                                             "(default: %(default)s)")
+    p.add_argument("--backbones", nargs="+", action=cli.list_option(), default=[],
+                   help="keep only these backbones' records (default: all)")
+    args = p.parse_args(argv)
+    from . import effects, study
+
+    try:
+        records = [r for path in args.records for r in study.read_records(path)]
+    except (OSError, ValueError) as err:
+        p.error(str(err))
+    rows = effects.effects(study.unique_records(
+        [r for r in records if not args.backbones or r["config"].get("backbone") in args.backbones]))
+    files = effects.write(args.output, rows)
+    print(effects.markdown(rows) + "\n\n" + "\n".join(f"wrote {path}" for path in files))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

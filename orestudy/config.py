@@ -1,0 +1,142 @@
+"""The one description of a run: `TrainConfig`, whose fields carry their help, choices and role.
+
+From it come the command line (`cli.add_options`), the type-checked loading of grid and search-space
+YAML (`TrainConfig.from_dict`), the fields a portable trial record keeps (`computation`), and the run
+name. It imports nothing heavy, so `--help` answers at once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "minerals"
+DEFAULT_CACHE = Path(os.environ.get("ORESTUDY_CACHE", Path.home() / ".cache" / "orestudy"))
+
+BACKBONES = ("alexnet", "vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet_v1")
+ATTENTIONS = ("none", "se", "cbam", "eca")
+REGIMES = {  # the paper's three regimes: ImageNet weights or not, static 5x augmentation or not
+    "scratch": {"weights": "none", "static_da": False},
+    "tl": {"weights": "imagenet", "static_da": False},
+    "tl_da": {"weights": "imagenet", "static_da": True},
+}
+
+# A field's role: what it computes (part of a trial's identity), or where the run lives and how it
+# is watched (never part of it). "study" fields compute, but a study sets them, never a config file.
+COMPUTES, WHERE, STUDY = "computes", "where", "study"
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("ORESTUDY_DATA", DEFAULT_DATA))
+
+
+def option(default, help: str, *, choices=None, role: str = COMPUTES, factory=None):
+    """A config field with its help text, choices and role as metadata."""
+    meta = {"help": help, "choices": choices, "role": role}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = option("mobilenet_v2", "ImageNet backbone the classifier is built on", choices=BACKBONES)
+    regime: str = option("tl_da", "scratch: random weights; tl: ImageNet weights; tl_da: ImageNet weights and "
+                                  "the paper's static 5x augmentation", choices=tuple(REGIMES))
+    attention: str = option("se", "attention block after the backbone's features", choices=ATTENTIONS)
+    reduction: int = option(8, "SE / CBAM reduction ratio r")
+    freeze_epochs: int = option(10, "backbone frozen (weights and BatchNorm statistics) for the first F "
+                                    "epochs; >= epochs: frozen throughout")
+    epochs: int = option(20, "training epochs; an epoch is one pass over the (5x augmented) training set")
+    lr: float = option(1e-4, "Adam learning rate")
+    batch_size: int = option(32, "training and evaluation batch size")
+    dropout: float = option(0.5, "dropout before the last linear layer, in [0, 1)")
+    aug_strength: float = option(0.0, "online augmentation on top, in [0, 1] (crops, flips, right-angle "
+                                      "rotations, brightness/contrast/saturation; never hue); 0: off")
+    aug_bank: int = option(4, "online draws kept per view while (part of) the backbone is frozen")
+    freeze_depth: int = option(0, "leading backbone modules frozen for the whole run (partial fine-tuning)")
+    cache_features: bool = option(True, "reuse a frozen backbone's outputs instead of recomputing them")
+    seed: int = option(231, "split seed and training seed")
+    image_size: int = option(0, "input size in pixels; 0: the backbone's own (224; 299 for Inception v3)")
+    normalization: str = option("train", "train: the training split's channel statistics (paper eq. 3); "
+                                          "backbone: the ImageNet weights' own", choices=("train", "backbone"))
+    unknown_target_error: float = option(0.05, "error rate the 'unknown' threshold allows on validation")
+    precision: str = option("auto", "autocast dtype; auto: bf16 on CUDA and on CPUs with native bf16, "
+                                    "else fp32", choices=("auto", "bf16", "fp32"))
+    threads: int = option(0, "CPU threads; 0: all cores this process may use", role=WHERE)
+    device: str = option("auto", "cpu, cuda, cuda:N; auto: CUDA when present", role=WHERE)
+    data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
+                             "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
+    output: str = option("runs", "folder of run folders and the MLflow store", role=WHERE)
+    name: str = option("", "run folder name; derived from the config when empty", role=WHERE)
+    cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps it in memory only", role=WHERE)
+    mlflow: bool = option(True, "log the run to MLflow", role=WHERE)
+    experiment: str = option("orestudy", "MLflow experiment", role=WHERE)
+    parent_run: str = option("", "MLflow run id of the study this run belongs to", role=WHERE)
+    progress: bool = option(True, "progress bars on a terminal", role=WHERE)
+    evaluate_test: bool = option(True, "evaluate the test split at the end (search trials do not: it stays "
+                                       "unseen until the chosen configuration is retrained)", role=STUDY)
+
+    def __post_init__(self):
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"unknown {f.name} {getattr(self, f.name)!r}; expected one of {sorted(choices)}")
+        if self.epochs < 1 or self.freeze_epochs < 0 or self.freeze_depth < 0 or self.batch_size < 1 or self.reduction < 1:
+            raise ValueError("epochs and batch_size must be >= 1, freeze_epochs and freeze_depth >= 0, reduction >= 1")
+        if not 0.0 <= self.aug_strength <= 1.0:
+            raise ValueError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
+
+    @property
+    def weights(self) -> str:
+        return REGIMES[self.regime]["weights"]
+
+    @property
+    def static_da(self) -> bool:
+        return REGIMES[self.regime]["static_da"]
+
+    def run_name(self) -> str:
+        att = "" if self.attention == "none" else f"_{self.attention}{self.reduction}"
+        return self.name or f"{self.backbone}_{self.regime}{att}_f{self.freeze_epochs}_e{self.epochs}_s{self.seed}"
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "") -> "TrainConfig":
+        """A config from plain values (YAML, JSON, a Tune param space), each checked against its field's
+        type; an int is taken for a float. source (a file) starts every error message."""
+        where = f"{source}: " if source else ""
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"{where}unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        typed = {}
+        for key, value in values.items():
+            want = type(defaults()[key])
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if want is float and isinstance(value, str) else ""
+                raise ValueError(f"{where}{key} must be {want.__name__}, got {value!r}{hint}")
+            typed[key] = value
+        try:
+            return cls(**typed)
+        except ValueError as err:
+            raise ValueError(f"{where}{err}") from None
+
+
+def defaults() -> dict:
+    return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(TrainConfig)}
+
+
+def fields_with_role(*roles: str) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata["role"] in roles)
+
+
+def computation(config: dict) -> dict:
+    """What a config computes: its fields less where it lives and how it is watched."""
+    where = fields_with_role(WHERE)
+    return {k: v for k, v in config.items() if k not in where}
+
+
+def computation_of(config: TrainConfig) -> dict:
+    return computation(asdict(config))

@@ -1,0 +1,47 @@
+"""Where a run computes: the device, the autocast dtype and the CPU threads, chosen once per run."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    # Without AVX512-BF16 or AMX, bf16 on the CPU is emulated and several times slower than fp32.
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name in PRECISIONS:
+        return PRECISIONS[name]
+    if name != "auto":
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {name!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_threads(threads: int) -> int:
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device, non_blocking=True)  # keeps the memory format its maker chose

@@ -1,0 +1,80 @@
+"""The effects table: paired differences recovered from synthetic trial records, tests checked by hand."""
+import numpy as np
+import pytest
+import scipy.stats
+
+from orestudy import compare, effects, stats, study
+
+
+def record(seed: int, accuracy: float, attention: str = "none", per_image: bool = True, n: int = 1000) -> dict:
+    """A finished trial's record with n test images, round(accuracy * n) of them right."""
+    right = round(accuracy * n)
+    predictions = [["test", f"{seed}-{i:04d}", 0, [0.9, 0.1] if i < right else [0.2, 0.8]] for i in range(n)]
+    metrics = {"accuracy": right / n, "macro_f1": right / n, "n_test": n}
+    if per_image:
+        metrics["predictions"] = predictions
+    return {"dataset": "minerals-abc", "status": "ok", "history": [], "metrics": metrics,
+            "config": {"backbone": "mobilenet_v2", "regime": "tl_da", "attention": attention, "seed": seed}}
+
+
+def planted(effect: float, seeds=range(8), noise: float = 0.03, per_image: bool = True) -> list[dict]:
+    rng = np.random.default_rng(0)
+    base = 0.85 + rng.normal(0, noise, len(seeds))  # split-to-split spread, shared by both arms
+    jitter = rng.normal(0, 0.005, len(seeds))
+    jitter -= jitter.mean()  # the planted effect is exactly the mean paired difference (up to rounding)
+    return ([record(s, b, "none", per_image) for s, b in zip(seeds, base)]
+            + [record(s, b + effect + j, "se", per_image) for s, b, j in zip(seeds, base, jitter)])
+
+
+def test_a_planted_paired_difference_is_recovered_and_called():
+    (row,) = effects.effects(planted(0.03))
+    assert row["factor"] == "attention" and row["n"] == 8 and "+SE" in row["b"]
+    assert row["ci_low"] < 0.03 < row["ci_high"] and row["ci_low"] > 0
+    assert row["verdict"] == "better" and row["p_holm"] < 0.05
+    # the split spread (3 points) would hide it in unpaired cell intervals; pairing removes it
+    assert row["ci_high"] - row["ci_low"] < 0.02
+
+
+def test_no_effect_gives_no_verdict_of_difference():
+    (row,) = effects.effects(planted(0.0))
+    assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == "no difference shown"
+
+
+def test_paired_interval_and_p_match_scipy_on_a_hand_case():
+    a = {1: 0.80, 2: 0.85, 3: 0.90, 4: 0.82}
+    b = {1: 0.83, 2: 0.86, 3: 0.94, 4: 0.82}
+    e = stats.paired_effect(stats.Paired(a, b))
+    reference = scipy.stats.ttest_rel([b[s] for s in a], [a[s] for s in a])
+    ci = reference.confidence_interval()
+    assert e["mean"] == pytest.approx(0.02) and e["p_t"] == pytest.approx(reference.pvalue)
+    assert (e["ci_low"], e["ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert e["p_sign_flip"] == pytest.approx(0.25)  # 3 non-zero differences, all positive: 2 of 8 flips
+
+
+def test_mcnemar_on_a_hand_made_discordant_table():
+    # 10 discordant images: A alone right on 1, B alone right on 9 -> two-sided exact p = 22/1024
+    assert stats.mcnemar(b_only=9, a_only=1) == pytest.approx(22 / 1024)
+    assert stats.mcnemar(0, 0) == 1.0
+    a = {1: {"x": True, "y": False, "z": True}}
+    b = {1: {"x": True, "y": True, "z": True}}
+    e = stats.paired_effect(stats.Paired({1: 2 / 3}, {1: 1.0}, a_images=a, b_images=b))
+    assert (e["a_only"], e["b_only"], e["mcnemar_seeds"]) == (0, 1, 1)
+
+
+def test_records_without_per_image_outcomes_still_compare(tmp_path):
+    rows = effects.effects(planted(0.03, per_image=False))
+    assert rows[0]["mcnemar_seeds"] == 0 and rows[0]["verdict"] == "better"
+    assert "no per-image records" in effects.markdown(rows)
+    path = tmp_path / "trials.jsonl"
+    study.write_records(path, planted(0.03, per_image=False) + planted(0.03))  # duplicates: per-image wins
+    (row,) = compare.main([str(path), "--output", str(tmp_path / "out")])
+    assert row["mcnemar_seeds"] == 8
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"effects.md", "effects.csv", "effects.png"}
+
+
+def test_holm_and_seeds_needed():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    d = np.array([0.01, 0.03, -0.02, 0.04])
+    n = stats.seeds_needed(d)
+    t = scipy.stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)
+    assert t <= stats.TARGET_HALF_WIDTH < scipy.stats.t.ppf(0.975, n - 2) * d.std(ddof=1) / np.sqrt(n - 1)
