@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (OSError, ValueError) as err:
         p.error(str(err))
     rows = effects.effects(study.unique_records(
-        [r for r in records if not args.backbones or r["config"].get("backbone") in args.backbones]))
+        [r for r in records if not args.backbones or r.config.get("backbone") in args.backbones]))
     files = effects.write(args.output, rows)
     print(effects.markdown(rows) + "\n\n" + "\n".join(f"wrote {path}" for path in files))
     return rows

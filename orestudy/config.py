@@ -7,7 +7,7 @@ name. It imports nothing heavy, so `--help` answers at once.
 from __future__ import annotations
 
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,10 @@ class TrainConfig:
     freeze_depth: int = option(0, "leading backbone modules frozen for the whole run (partial fine-tuning)")
     cache_features: bool = option(True, "reuse a frozen backbone's outputs instead of recomputing them")
     seed: int = option(231, "split seed and training seed")
+    folds: int = option(1, "K > 1: the seed's non-test images are cut into K grouped, stratified folds, one "
+                           "of which validates (cross-validation); the test split stays the seed's")
+    fold: int = option(-1, "with folds > 1: the fold that validates (0 .. folds-1); -1: every fold, one "
+                           "model each, trained in lockstep, judged by their mean validation accuracy")
     image_size: int = option(0, "input size in pixels; 0: the backbone's own (224; 299 for Inception v3)")
     normalization: str = option("train", "train: the training split's channel statistics (paper eq. 3); "
                                           "backbone: the ImageNet weights' own", choices=("train", "backbone"))
@@ -87,6 +91,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1, freeze_epochs and freeze_depth >= 0, reduction >= 1")
         if not 0.0 <= self.aug_strength <= 1.0:
             raise ValueError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
+        if self.folds < 1 or not -1 <= self.fold < self.folds:
+            raise ValueError(f"folds must be >= 1 and fold in -1 .. folds-1, got folds {self.folds}, fold {self.fold}")
 
     @property
     def weights(self) -> str:
@@ -98,7 +104,15 @@ class TrainConfig:
 
     def run_name(self) -> str:
         att = "" if self.attention == "none" else f"_{self.attention}{self.reduction}"
-        return self.name or f"{self.backbone}_{self.regime}{att}_f{self.freeze_epochs}_e{self.epochs}_s{self.seed}"
+        cv = "" if self.folds == 1 else f"_cv{self.folds}"
+        name = self.name or f"{self.backbone}_{self.regime}{att}_f{self.freeze_epochs}_e{self.epochs}_s{self.seed}{cv}"
+        return name if self.folds == 1 or self.fold < 0 else f"{name}-fold{self.fold}"
+
+    def fold_configs(self) -> list["TrainConfig"]:
+        """The runs this config stands for: itself, or (folds > 1, fold -1) one per fold."""
+        if self.folds == 1 or self.fold >= 0:
+            return [self]
+        return [replace(self, fold=k) for k in range(self.folds)]
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "") -> "TrainConfig":
@@ -140,3 +154,40 @@ def computation(config: dict) -> dict:
 
 def computation_of(config: TrainConfig) -> dict:
     return computation(asdict(config))
+
+
+@dataclass
+class StudySettings:
+    """Where a study (replicate's grid, a search) lives and how its trials are run: one CLI section
+    shared by both faces (cli.add_options)."""
+    name: str = option("", "the study's name: its folder under --output and --storage-path, and its MLflow "
+                           "run (default: derived from the command)", role=WHERE)
+    output: str = option("runs", "run folders live in OUTPUT/NAME; the MLflow store in OUTPUT", role=WHERE)
+    storage_path: str = option("", "Ray Tune's results and checkpoints: a folder every node reaches, or "
+                                   "s3:// gs:// (default: OUTPUT/ray_results)", role=WHERE)
+    experiment: str = option("orestudy", "MLflow experiment", role=WHERE)
+    mlflow: bool = option(True, "log the study and its trials to MLflow", role=WHERE)
+    max_failures: int = option(2, "retries of a trial that raised, from its last finished epoch, before "
+                                  "it counts as failed", role=WHERE)
+    cpus_per_trial: int = option(0, "0: a whole (smallest) node, or its share per GPU trial", role=WHERE)
+    gpus_per_trial: float = option(0.0, "0: one GPU where nodes have GPUs; a fraction shares one", role=WHERE)
+    data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
+                             "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
+    cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps features in memory only", role=WHERE)
+    device: str = option("auto", "the trials' device: cpu, cuda; auto: CUDA where a node has it", role=WHERE)
+    address: str = option("", "a Ray cluster to join ('auto': the one running here, or host:port); "
+                              "default: start Ray in this process", role=WHERE)
+
+    def __post_init__(self):
+        # Trials run in their own working folders: every path they are given is absolute.
+        self.output = str(Path(self.output).resolve())
+        self.data = str(Path(self.data).resolve())
+        self.cache = str(Path(self.cache).resolve()) if self.cache else ""
+        if not self.storage_path:
+            self.storage_path = str(Path(self.output) / "ray_results")
+        elif "://" not in self.storage_path:
+            self.storage_path = str(Path(self.storage_path).resolve())
+
+    @property
+    def path(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"

@@ -176,6 +176,22 @@ def load_or_make_split(records: list[ImageRecord], seed: int, manifest: Path, ro
     return split
 
 
+def fold_split(records: list[ImageRecord], split: list[str], folds: int, fold: int, seed: int) -> list[str]:
+    """The split with its non-test images cut into `folds` stratified folds that keep near-duplicate
+    groups whole: fold `fold` validates, the rest train; the test images stay where they were."""
+    rest = np.array([i for i, part in enumerate(split) if part != "test"])
+    labels = np.array([r.label for r in records])[rest]
+    groups = near_duplicate_groups([records[i] for i in rest])
+    cuts = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(rest, labels, groups)
+    _, held = list(cuts)[fold]
+    out = list(split)
+    for i in rest:
+        out[i] = "train"
+    for i in rest[held]:
+        out[i] = "val"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Decoding and views. Images are decoded and resized once per process to a base size a little larger
 # than the model input, kept as uint8 tensors; every view is made from that base image.

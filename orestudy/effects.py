@@ -1,6 +1,6 @@
 """The effects table: every pair of configurations that differ in one factor, compared on the same splits.
 
-    rows = effects(records)                 # trial records (trials.jsonl) or a study's outcomes
+    rows = effects(trials)                  # study.Trial: records (trials.jsonl) or a study's outcomes
     rows = effects(records, pairs=[(a, b)]) # named contrasts, e.g. a search's best against its baseline
 
 One row per contrast B - A over the seeds both ran (stats.paired_effect), Holm-adjusted across the
@@ -36,11 +36,11 @@ def cell_label(config: dict) -> str:
     return f"{c['backbone']} {c['regime']}{att}, {frozen}"
 
 
-def per_seed(trials: list[dict]) -> dict:
+def per_seed(trials: list) -> dict:
     """Per seed: test accuracy, macro-F1 and, where kept, per-image correctness by content hash."""
     out = {"accuracy": {}, "macro_f1": {}, "images": {}}
     for t in trials:
-        seed, m = t["config"]["seed"], t["metrics"]
+        seed, m = t.config["seed"], t.metrics
         out["accuracy"][seed], out["macro_f1"][seed] = m["accuracy"], m.get("macro_f1", float("nan"))
         test = [row for row in m.get("predictions", []) if row[0] == "test"]
         if test:
@@ -48,16 +48,16 @@ def per_seed(trials: list[dict]) -> dict:
     return out
 
 
-def group(records: list[dict]) -> dict[str, list[dict]]:
+def group(records: list) -> dict[str, list]:
     """Finished trials by configuration (and data set: other data is another experiment)."""
     cells = defaultdict(list)
     for r in records:
-        if r.get("status") == "ok" and r.get("config") is not None:
-            cells[r.get("dataset", "") + cell_key(r["config"])].append(r)
+        if r.status == "ok" and r.config is not None:
+            cells[r.dataset + cell_key(r.config)].append(r)
     return dict(cells)
 
 
-def one_factor_pairs(cells: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
+def one_factor_pairs(cells: dict[str, list]) -> list[tuple[str, str, str]]:
     """(key A, key B, factor) for every two configurations that differ in exactly one field."""
     configs = {k: json.loads(k[k.index("{"):]) for k in cells}
     pairs = []
@@ -80,7 +80,7 @@ def rank(factor: str, value):
         if not isinstance(value, (int, float)) else (0, value)
 
 
-def effects(records: list[dict], pairs: list[tuple[list[dict], list[dict], str]] | None = None,
+def effects(records: list, pairs: list[tuple[list, list, str]] | None = None,
             alpha: float = 0.05) -> list[dict]:
     """The effects table: the one-factor contrasts among records (or the given (A trials, B trials,
     name) pairs), each B - A with stats.paired_effect, Holm-adjusted paired-t p and verdict."""
@@ -94,7 +94,7 @@ def effects(records: list[dict], pairs: list[tuple[list[dict], list[dict], str]]
                                                   a["images"], b["images"]))
         if effect["n"] == 0:
             continue
-        rows.append({"factor": factor, "a": cell_label(a_trials[0]["config"]), "b": cell_label(b_trials[0]["config"]),
+        rows.append({"factor": factor, "a": cell_label(a_trials[0].config), "b": cell_label(b_trials[0].config),
                      "a_mean": float(np.mean([a["accuracy"][s] for s in effect["seeds"]])),
                      "b_mean": float(np.mean([b["accuracy"][s] for s in effect["seeds"]])), **effect})
     for row, p in zip(rows, stats.holm([r["p_t"] for r in rows])):

@@ -3,6 +3,7 @@ portable records (trials.jsonl)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -29,17 +30,17 @@ def schedule_label(frozen: int, epochs: int) -> str:
     return "frozen" if frozen >= epochs else "trained" if frozen == 0 else f"frozen {frozen} of {epochs} epochs"
 
 
-def summarize(trials: list[dict]) -> dict:
+def summarize(trials: list[study.Trial]) -> dict:
     """A cell's trials over seeds: status, accuracy statistics (stats.accuracy_summary), macro-F1."""
-    ok = [t for t in trials if t["status"] == "ok"]
-    others = [t["status"] for t in trials if t["status"] != "ok"]
+    ok = [t for t in trials if t.status == "ok"]
+    others = [t.status for t in trials if t.status != "ok"]
     if not ok:
         failed = [s for s in others if s.startswith("failed")]
         return {"status": (failed or others or ["not started"])[0], "n": 0}
-    summary = stats.accuracy_summary([t["metrics"]["accuracy"] for t in ok], [t["metrics"]["n_test"] for t in ok])
+    summary = stats.accuracy_summary([t.metrics["accuracy"] for t in ok], [t.metrics["n_test"] for t in ok])
     status = "ok" if not others else f"ok; {len(others)} of {len(trials)} not: {others[0]}"
-    return {"status": status, **summary, "macro_f1": sum(t["metrics"]["macro_f1"] for t in ok) / len(ok),
-            "seeds": " ".join(str(t["config"]["seed"]) for t in ok)}
+    return {"status": status, **summary, "macro_f1": sum(t.metrics["macro_f1"] for t in ok) / len(ok),
+            "seeds": " ".join(str(t.config["seed"]) for t in ok)}
 
 
 def formatted(row: dict) -> str:
@@ -50,14 +51,14 @@ def formatted(row: dict) -> str:
             f"{row['ci_method']})" + ("" if row["status"] == "ok" else f"; {row['status']}"))
 
 
-def study_tables(grid: dict, published: dict, cells: list[Cell], trials: list[dict],
+def study_tables(grid: dict, published: dict, cells: list[Cell], trials: list[study.Trial],
                  epochs: int) -> dict[str, pd.DataFrame]:
     """Per table, one row per cell: the published numbers, then orestudy's over the seeds."""
     tables = {}
     for table in dict.fromkeys(c.table for c in cells):
         rows = []
         for cell in (c for c in cells if c.table == table):
-            mine = [t for t in trials if belongs(t["config"], cell, grid)]
+            mine = [t for t in trials if belongs(t.config, cell, grid)]
             rows.append({"model": MODEL_NAMES[cell.backbone], "backbone": cell.backbone,
                          "regime": ROW_NAMES.get(cell.row, cell.row), "schedule": cell.schedule,
                          "backbone_training": schedule_label(frozen_epochs(grid, cell.schedule, epochs), epochs),
@@ -84,17 +85,17 @@ def markdown(frame: pd.DataFrame, published: dict, paper_epochs: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 # The report
 
-def mean_history(trials: list[dict]) -> list[dict]:
-    rows = pd.DataFrame([row for t in trials for row in t["history"]])
+def mean_history(trials: list[study.Trial]) -> list[dict]:
+    rows = pd.DataFrame([row for t in trials for row in t.history])
     columns = ["frozen", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
     return rows.groupby("epoch")[columns].mean().reset_index().to_dict("records")
 
 
-def figures(grid: dict, cells: list[Cell], trials: list[dict], folder: Path) -> list[Path]:
+def figures(grid: dict, cells: list[Cell], trials: list[study.Trial], folder: Path) -> list[Path]:
     """The paper's Fig. 9 (confusion matrices of TL, TL+DA, TL+DA+SE side by side, summed over seeds)
     per MobileNet and schedule, and Fig. 7/8 (learning curves, averaged over seeds) per backbone, of
     its best cell."""
-    ok = {c: [t for t in trials if t["status"] == "ok" and belongs(t["config"], c, grid)] for c in cells}
+    ok = {c: [t for t in trials if t.status == "ok" and belongs(t.config, c, grid)] for c in cells}
     ok = {c: ts for c, ts in ok.items() if ts}
     paths = []
     for (backbone, schedule), group in itertools.groupby(
@@ -102,36 +103,36 @@ def figures(grid: dict, cells: list[Cell], trials: list[dict], folder: Path) -> 
         panels = {c.row: c for c in group if c.row in ("tl", "tl_da", "tl_da_se")}
         if not backbone.startswith("mobilenet") or not panels:
             continue
-        first = ok[next(iter(panels.values()))][0]["metrics"]
+        first = ok[next(iter(panels.values()))][0].metrics
         matrices = {}
         for row in ("tl", "tl_da", "tl_da_se"):
             if row in panels:
                 ts = ok[panels[row]]
-                mean = sum(t["metrics"]["accuracy"] for t in ts) / len(ts)
+                mean = sum(t.metrics["accuracy"] for t in ts) / len(ts)
                 matrices[f"{ROW_NAMES[row]}: accuracy {mean:.3f} (n={len(ts)})"] = sum(
-                    pd.DataFrame(t["metrics"]["confusion_matrix"]) for t in ts).values.tolist()
+                    pd.DataFrame(t.metrics["confusion_matrix"]) for t in ts).values.tolist()
         paths.append(folder / f"fig9_confusion_{backbone}_{schedule}.png")
         reports.confusion_figure(paths[-1], matrices, first["class_names"])
     for backbone in dict.fromkeys(c.backbone for c in ok):
         best = max((c for c in ok if c.backbone == backbone),
-                   key=lambda c: sum(t["metrics"]["accuracy"] for t in ok[c]) / len(ok[c]))
+                   key=lambda c: sum(t.metrics["accuracy"] for t in ok[c]) / len(ok[c]))
         ts = ok[best]
         paths.append(folder / f"learning_curves_{backbone}.png")
-        reports.learning_curves(paths[-1], mean_history(ts), sum(t["metrics"]["accuracy"] for t in ts) / len(ts),
+        reports.learning_curves(paths[-1], mean_history(ts), sum(t.metrics["accuracy"] for t in ts) / len(ts),
                                 f"{MODEL_NAMES[backbone]} {ROW_NAMES.get(best.row, best.row)}, backbone "
-                                f"{schedule_label(ts[0]['config']['freeze_epochs'], ts[0]['config']['epochs'])}: "
+                                f"{schedule_label(ts[0].config['freeze_epochs'], ts[0].config['epochs'])}: "
                                 f"best cell, mean of {len(ts)} seed(s)")
     return paths
 
 
-def trials_line(trials: list[dict]) -> str:
+def trials_line(trials: list[study.Trial]) -> str:
     """How the trials ended, how many ran in earlier studies, and the training time of those that finished."""
-    counts = pd.Series([t["status"].split(":")[0] for t in trials]).value_counts().to_dict()
+    counts = pd.Series([t.status.split(":")[0] for t in trials]).value_counts().to_dict()
     text = f"{len(trials)} trials: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + "."
-    reused = sum(t.get("reused", False) for t in trials)
+    reused = sum(t.reused for t in trials)
     if reused:
         text += f" {reused} of them ran in earlier studies (--reuse)."
-    ok = [t["metrics"] for t in trials if t["status"] == "ok"]
+    ok = [t.metrics for t in trials if t.status == "ok"]
     if ok:
         machines = pd.Series([f"on {m['device']} {m['precision']}" if "device" in m else "device not recorded"
                               for m in ok]).value_counts()
@@ -140,7 +141,7 @@ def trials_line(trials: list[dict]) -> str:
     return text
 
 
-def report_text(grid: dict, published: dict, tables: dict[str, pd.DataFrame], trials: list[dict],
+def report_text(grid: dict, published: dict, tables: dict[str, pd.DataFrame], trials: list[study.Trial],
                 name: str, epochs: int, contrasts: list[dict]) -> str:
     paper_epochs = grid["paper"]["epochs"]
     lines = [f"# orestudy study `{name}`", "", trials_line(trials)]
@@ -168,20 +169,19 @@ def report_text(grid: dict, published: dict, tables: dict[str, pd.DataFrame], tr
     return "\n".join(lines) + "\n"
 
 
-def write_report(grid: dict, published: dict, cells: list[Cell], trials: list[dict], epochs: int, folder: Path,
+def write_report(grid: dict, published: dict, cells: list[Cell], trials: list[study.Trial], epochs: int, folder: Path,
                  name: str, dataset: str) -> tuple[str, list[Path]]:
     """Tables (CSV), report.md, figures, and trials.jsonl: the records of every trial that ran to an
     end, for --reuse by a later study."""
     folder.mkdir(parents=True, exist_ok=True)
     tables = study_tables(grid, published, cells, trials, epochs)
     paths = [folder / "trials.jsonl"]
-    records = [study.trial_record(t, dataset) for t in trials
-               if t["config"] is not None and t["status"] != study.UNFINISHED]
-    study.write_records(paths[0], records)
+    ran = [replace(t, dataset=dataset) for t in trials if t.config is not None and t.status != study.UNFINISHED]
+    study.write_records(paths[0], [t.record(dataset) for t in ran])
     for table, frame in tables.items():
         paths.append(folder / f"{table}.csv")
         frame.to_csv(paths[-1], index=False)
-    contrasts = effects.effects(records)
+    contrasts = effects.effects(ran)
     paths += effects.write(folder, contrasts)
     text = report_text(grid, published, tables, trials, name, epochs, contrasts)
     paths.append(folder / "report.md")

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from . import cli, config
-from .config import WHERE
+from .config import WHERE, StudySettings
 from .grid import GRID, PUBLISHED, STUDY_OWNED
 
 
@@ -35,7 +35,6 @@ def field_value(text: str) -> tuple[str, object]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .study import StudySettings
 
     p = argparse.ArgumentParser(prog="python -m orestudy.replicate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     selection = replication.Selection(args.grid, args.published, args.only, args.backbones, args.regimes,
                                       args.schedules, args.seeds, args.epochs, dict(args.fields))
     try:
-        return replication.replicate(selection, cli.from_args(args, study.StudySettings), args.resume,
+        return replication.replicate(selection, cli.from_args(args, StudySettings), args.resume,
                                      tuple(args.reuse), args.report_only)
     except (OSError, ValueError) as err:  # FileNotFoundError / FileExistsError: a study missing or there
         hint = {FileNotFoundError: " (--resume and --report-only need a study started with the same options)",

@@ -72,7 +72,7 @@ def replicate(selection: Selection, settings: study.StudySettings, resume: bool 
           + (f" ({len(reused)} from {', '.join(reuse)})" if reused else "") + f" -> {settings.path}", flush=True)
     folder = Path(settings.output) / settings.name / "report"
 
-    def report(trials: list[dict]) -> list[Path]:
+    def report(trials: list[study.Trial]) -> list[Path]:
         text, files = grid_report.write_report(grid, published, cells, trials, epochs, folder, settings.name, dataset)
         print("\n" + text + "\n" + "\n".join(f"wrote {path}" for path in files))
         return files
@@ -91,9 +91,9 @@ def replicate(selection: Selection, settings: study.StudySettings, resume: bool 
         results = study.run_study({"config": tune.grid_search(configs)}, settings, resume) if configs else []
         trials = reused + study.planned(configs, study.outcomes(results))
     files = report(trials)
-    unfinished = sum(t["status"] == study.UNFINISHED for t in trials)
+    unfinished = sum(t.status == study.UNFINISHED for t in trials)
     if parent:
-        statuses = [t["status"].split(":")[0] for t in trials]
+        statuses = [t.status.split(":")[0] for t in trials]
         tracking.finish_parent_run(parent, files, {f"trials_{s}": statuses.count(s) for s in set(statuses)},
                                    finished=not unfinished)
     if unfinished:

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -24,7 +24,7 @@ import torch
 from ray import tune
 
 from . import models, tracking
-from .config import DEFAULT_CACHE, WHERE, TrainConfig, computation, default_data_root, option
+from .config import StudySettings, TrainConfig, computation
 from .training import run_experiment
 
 SKIPPED_OFFLINE = "skipped: weights unavailable offline"
@@ -32,43 +32,6 @@ UNFINISHED = "unfinished"
 STATE_FILE = "training_state.pt"  # in every epoch's checkpoint: what an interrupted trial continues from
 
 LOCAL_OBJECT_STORE_BYTES = 100 * 2**20  # trials pass files, not objects: a small store is plenty
-
-
-@dataclass
-class StudySettings:
-    """Where a study (replicate's grid, a search) lives and how its trials are run: one CLI section
-    shared by both faces (cli.add_options)."""
-    name: str = option("", "the study's name: its folder under --output and --storage-path, and its MLflow "
-                           "run (default: derived from the command)", role=WHERE)
-    output: str = option("runs", "run folders live in OUTPUT/NAME; the MLflow store in OUTPUT", role=WHERE)
-    storage_path: str = option("", "Ray Tune's results and checkpoints: a folder every node reaches, or "
-                                   "s3:// gs:// (default: OUTPUT/ray_results)", role=WHERE)
-    experiment: str = option("orestudy", "MLflow experiment", role=WHERE)
-    mlflow: bool = option(True, "log the study and its trials to MLflow", role=WHERE)
-    max_failures: int = option(2, "retries of a trial that raised, from its last finished epoch, before "
-                                  "it counts as failed", role=WHERE)
-    cpus_per_trial: int = option(0, "0: a whole (smallest) node, or its share per GPU trial", role=WHERE)
-    gpus_per_trial: float = option(0.0, "0: one GPU where nodes have GPUs; a fraction shares one", role=WHERE)
-    data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
-                             "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
-    cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps features in memory only", role=WHERE)
-    device: str = option("auto", "the trials' device: cpu, cuda; auto: CUDA where a node has it", role=WHERE)
-    address: str = option("", "a Ray cluster to join ('auto': the one running here, or host:port); "
-                              "default: start Ray in this process", role=WHERE)
-
-    def __post_init__(self):
-        # Trials run in their own working folders: every path they are given is absolute.
-        self.output = str(Path(self.output).resolve())
-        self.data = str(Path(self.data).resolve())
-        self.cache = str(Path(self.cache).resolve()) if self.cache else ""
-        if not self.storage_path:
-            self.storage_path = str(Path(self.output) / "ray_results")
-        elif "://" not in self.storage_path:
-            self.storage_path = str(Path(self.storage_path).resolve())
-
-    @property
-    def path(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
 
 
 def connect(address: str | None = None) -> bool:
@@ -236,10 +199,27 @@ def run_study(param_space: dict, settings: StudySettings, resume: bool = False) 
     return tuner(settings, param_space, settings.name, settings.storage_path, [TrialLog()], reuse_actors=True).fit()
 
 
-def outcomes(results: tune.ResultGrid) -> list[dict]:
-    """Per trial: its TrainConfig fields (None if it never started), status ("ok", "skipped: ...",
-    "failed: <error>" or "unfinished"), its last report (the test result when ok), its per-epoch rows
-    and its last checkpoint."""
+@dataclass
+class Trial:
+    """A trial as a study knows it: how it ended (outcomes), or what a portable record says of it
+    (read_records), where a reused one stands in for a trial not run again."""
+    config: dict | None           # its TrainConfig fields; None: the trial never started
+    status: str                   # "ok", "skipped: ...", "failed: <error>" or "unfinished"
+    metrics: dict = field(default_factory=dict)        # its last report: the test result when ok
+    history: list[dict] = field(default_factory=list)  # its per-epoch rows
+    checkpoint: tune.Checkpoint | None = None          # its last checkpoint (records keep none)
+    dataset: str = ""             # the data set it ran on (data.dataset_name), as records keep it
+    reused: bool = False          # a record of an earlier study standing in for this trial
+
+    def record(self, dataset: str) -> dict:
+        """A trial that ran (config not None) on the data set named dataset, as plain JSON."""
+        return {"dataset": dataset, "config": computation(self.config), "status": self.status,
+                "metrics": {k: self.metrics[k] for k in RECORD_METRICS if k in self.metrics},
+                "history": [{k: row[k] for k in HISTORY_COLUMNS if k in row} for row in self.history]}
+
+
+def outcomes(results: tune.ResultGrid) -> list[Trial]:
+    """Per trial of a Tune study: how it ended, its last report, per-epoch rows and last checkpoint."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -255,8 +235,7 @@ def outcomes(results: tune.ResultGrid) -> list[dict]:
             epochs = epochs.loc[epochs.index[epochs["epoch"] == 1][-1]:]
             epochs = epochs.drop_duplicates("epoch", keep="last").to_dict("records")
         config = (result.config or {}).get("config")  # None: the trial never started (interrupted study)
-        rows.append({"config": config, "status": status, "metrics": metrics,
-                     "history": epochs, "checkpoint": result.checkpoint})
+        rows.append(Trial(config, status, metrics, list(epochs), result.checkpoint))
     return rows
 
 
@@ -278,20 +257,12 @@ def computation_key(config: dict) -> str | None:
         return None
 
 
-def trial_record(outcome: dict, dataset: str) -> dict:
-    """An outcome of a trial that ran (config not None) on the data set named dataset
-    (training.dataset_name), as plain JSON."""
-    return {"dataset": dataset, "config": computation(outcome["config"]), "status": outcome["status"],
-            "metrics": {k: outcome["metrics"][k] for k in RECORD_METRICS if k in outcome["metrics"]},
-            "history": [{k: row[k] for k in HISTORY_COLUMNS if k in row} for row in outcome["history"]]}
-
-
 def write_records(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """trial_record()s from a trials.jsonl; a line that is not one is an error naming file and line."""
+def read_records(path: str | Path) -> list[Trial]:
+    """The trials of a trials.jsonl; a line that is not a record is an error naming file and line."""
     records = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         try:
@@ -300,38 +271,38 @@ def read_records(path: str | Path) -> list[dict]:
                 raise ValueError("not a trial record")
         except ValueError as err:
             raise ValueError(f"{path}, line {number}: {err}") from None
-        records.append(record)
+        records.append(Trial(record["config"], record["status"], record["metrics"], record["history"],
+                             dataset=record["dataset"]))
     return records
 
 
-def reusable(configs: list[dict], records: list[dict], dataset: str) -> tuple[list[dict], list[dict]]:
+def reusable(configs: list[dict], records: list[Trial], dataset: str) -> tuple[list[dict], list[Trial]]:
     """(configs still to run, records that stand in for the rest): a finished ("ok") record of the
     same computation on the same data set replaces a trial, with the config it would have run and
-    "reused": True."""
-    done = {computation_key(r["config"]): r for r in records if r["status"] == "ok" and r["dataset"] == dataset}
+    reused set."""
+    done = {computation_key(r.config): r for r in records if r.status == "ok" and r.dataset == dataset}
     to_run, reused = [], []
     for config in configs:
         record = done.get(computation_key(config))
         if record is None:
             to_run.append(config)
         else:
-            reused.append({**record, "config": config, "reused": True})
+            reused.append(replace(record, config=config, reused=True))
     return to_run, reused
 
 
-def planned(configs: list[dict], outcomes: list[dict]) -> list[dict]:
+def planned(configs: list[dict], outcomes: list[Trial]) -> list[Trial]:
     """One outcome per config: its trial's in the (saved) study, or unfinished where it never started.
     A trial of the study that a reused record now stands in for is not among configs and drops out."""
-    ran = {computation_key(o["config"]): o for o in outcomes if o["config"] is not None}
-    return [ran.get(computation_key(c)) or {"config": c, "status": UNFINISHED, "metrics": {}, "history": [],
-                                             "checkpoint": None} for c in configs]
+    ran = {computation_key(o.config): o for o in outcomes if o.config is not None}
+    return [ran.get(computation_key(c)) or Trial(c, UNFINISHED) for c in configs]
 
 
-def unique_records(records: list[dict]) -> list[dict]:
+def unique_records(records: list[Trial]) -> list[Trial]:
     """One record per (data set, computation): the one that keeps per-image outcomes, else the last."""
     kept: dict = {}
     for r in records:
-        key = (r["dataset"], computation_key(r["config"]))
-        if key not in kept or "predictions" in r["metrics"] or "predictions" not in kept[key]["metrics"]:
+        key = (r.dataset, computation_key(r.config))
+        if key not in kept or "predictions" in r.metrics or "predictions" not in kept[key].metrics:
             kept[key] = r
     return list(kept.values())

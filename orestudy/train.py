@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = run_experiment(config)
     print(json.dumps({k: result[k] for k in ("accuracy", "macro_f1", "best_epoch", "best_val_accuracy",
-                                             "wall_seconds", "run_dir")}, indent=2))
+                                             "fold_best_val_accuracy", "wall_seconds", "run_dir") if k in result},
+                     indent=2))
     return result
 
 

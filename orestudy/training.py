@@ -76,7 +76,11 @@ def prepare_data(config: TrainConfig, run_dir: Path, progress: bool = False) -> 
     # One manifest per (data set, seed) is shared by every run; each run keeps a copy beside it.
     shared = Path(config.output) / "splits" / f"{data.dataset_name(root, records)}-seed{config.seed}.csv"
     split = data.load_or_make_split(records, config.seed, shared, root)
-    (run_dir / "split.csv").write_bytes(shared.read_bytes())
+    if config.folds > 1:  # cross-validation: this run's fold of the non-test images validates
+        split = data.fold_split(records, split, config.folds, config.fold, config.seed)
+        data.write_manifest(run_dir / "split.csv", records, split, root)
+    else:
+        (run_dir / "split.csv").write_bytes(shared.read_bytes())
     class_names = sorted({r.label for r in records})
     by_split = {s: [r for r, p in zip(records, split) if p == s] for s in data.SPLITS}
     labels = {s: [class_names.index(r.label) for r in recs] for s, recs in by_split.items()}
@@ -222,21 +226,27 @@ def save_best(run: Run, best: dict) -> None:
                            run.std, asdict(run.config), best)
 
 
+def fit_step(run: Run, progress: Progress, tracker, epoch: int) -> dict:
+    """One epoch of fit: train and validate, keep the best-validation weights (saved as best.pt), log."""
+    row = fit_epoch(run, epoch)
+    progress.history.append(row)
+    progress.epoch = epoch
+    improved = row["val_accuracy"] > progress.best["val_accuracy"]
+    if improved:
+        progress.best = {"epoch": epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
+        progress.best_state = copy.deepcopy(run.model.state_dict())
+        save_best(run, progress.best)
+    run.log(f"epoch {epoch}/{run.config.epochs} {'frozen' if row['frozen'] else 'full  '} "
+            f"train loss {row['train_loss']:.3f} acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.3f} "
+            f"acc {row['val_accuracy']:.3f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s)")
+    tracker.log_epoch(row)
+    return row
+
+
 def fit(run: Run, progress: Progress, tracker, report: Callable[[dict, dict], None] | None = None) -> Progress:
-    """The epochs after progress.epoch; the best-validation weights are kept (and saved as best.pt)."""
+    """The epochs after progress.epoch."""
     for epoch in range(progress.epoch + 1, run.config.epochs + 1):
-        row = fit_epoch(run, epoch)
-        progress.history.append(row)
-        progress.epoch = epoch
-        improved = row["val_accuracy"] > progress.best["val_accuracy"]
-        if improved:
-            progress.best = {"epoch": epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
-            progress.best_state = copy.deepcopy(run.model.state_dict())
-            save_best(run, progress.best)
-        run.log(f"epoch {epoch}/{run.config.epochs} {'frozen' if row['frozen'] else 'full  '} "
-                f"train loss {row['train_loss']:.3f} acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.3f} "
-                f"acc {row['val_accuracy']:.3f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s)")
-        tracker.log_epoch(row)
+        row = fit_step(run, progress, tracker, epoch)
         if report is not None:
             report(row, training_state(run, progress))
     return progress
@@ -288,11 +298,44 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
 def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | None = None,
                    resume: dict | None = None) -> dict:
     """Train one configuration and test its best-validation checkpoint once. report(epoch_metrics,
-    state) is called after every epoch (Ray Tune's hook); resume takes such a state and continues."""
+    state) is called after every epoch (Ray Tune's hook); resume takes such a state and continues.
+    A cross-validated config (folds > 1, fold -1) is cross_validate's."""
     from . import tracking  # mlflow loads only when a run starts
 
+    if len(config.fold_configs()) > 1:
+        return cross_validate(config, report, resume)
     run = build_run(config)
     progress = restore(run, resume) if resume is not None else Progress()
     tracker = tracking.Tracker.start(config, run.run_dir, progress.history, progress.mlflow_run)
     progress.mlflow_run = tracker.run_id
     return finish(run, fit(run, progress, tracker, report), tracker)
+
+
+def cross_validate(config: TrainConfig, report: Callable[[dict, dict], None] | None = None,
+                   resume: dict | None = None) -> dict:
+    """One model per fold, trained in lockstep, epoch by epoch, so that every report (and ASHA's rung)
+    compares configurations at the same epoch on the mean over all folds: the mean of the folds' best
+    validation accuracies so far, with the spread beside it. The state holds every fold's state."""
+    from . import tracking
+
+    runs = [build_run(c) for c in config.fold_configs()]
+    states = resume["folds"] if resume is not None else [None] * len(runs)
+    progresses = [Progress() if state is None else restore(run, state) for run, state in zip(runs, states)]
+    trackers = [tracking.Tracker.start(run.config, run.run_dir, p.history, p.mlflow_run) for run, p in zip(runs, progresses)]
+    for p, tracker in zip(progresses, trackers):
+        p.mlflow_run = tracker.run_id
+    for epoch in range(progresses[0].epoch + 1, config.epochs + 1):
+        rows = [fit_step(run, p, t, epoch) for run, p, t in zip(runs, progresses, trackers)]
+        if report is not None:
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("epoch", "frozen")}
+            bests = [p.best for p in progresses]
+            report({**rows[0], **mean, "epoch_seconds": sum(r["epoch_seconds"] for r in rows),
+                    "fold_best_val_accuracy": [b["val_accuracy"] for b in bests]},
+                   {"folds": [training_state(run, p) for run, p in zip(runs, progresses)],
+                    "best": {"epoch": epoch, "val_accuracy": float(np.mean([b["val_accuracy"] for b in bests])),
+                             "val_loss": float(np.mean([b["val_loss"] for b in bests]))}})
+    results = [finish(run, p, t) for run, p, t in zip(runs, progresses, trackers)]
+    fold_best = [r["best_val_accuracy"] for r in results]
+    return {"folds": results, "fold_best_val_accuracy": fold_best, "best_val_accuracy": float(np.mean(fold_best)),
+            "best_epoch": int(np.median([r["best_epoch"] for r in results])),
+            "wall_seconds": max(r["wall_seconds"] for r in results), "run_dir": str(runs[0].run_dir.parent)}

@@ -120,3 +120,22 @@ def test_scan_cache_reuses_unchanged_files_only(image_folder, tmp_path, monkeypa
     assert len(decoded) == 1  # only the changed file was decoded again
     assert [r.path for r in second] == [r.path for r in first]
     assert {r.path for r, s in zip(first, second) if r.sha256 != s.sha256} == {str(changed)}
+
+
+def test_folds_partition_the_non_test_images_and_keep_groups_whole(larger_folder):
+    records, _ = data.scan_folder(larger_folder)
+    groups = data.near_duplicate_groups(records)
+    split = data.make_split(records, seed=231)
+    vals = []
+    for fold in range(3):
+        cut = data.fold_split(records, split, 3, fold, seed=231)
+        assert [s for s in cut if s == "test"] == [s for s in split if s == "test"]
+        assert all(c == "test" for c, s in zip(cut, split) if s == "test")  # the test split stays put
+        for group in set(groups):
+            assert len({s for s, g in zip(cut, groups) if g == group}) == 1, "a group straddles folds"
+        for label in "abcd":
+            assert sum(c == "val" and r.label == label for r, c in zip(records, cut)) >= 5  # stratified
+        vals.append({i for i, c in enumerate(cut) if c == "val"})
+    assert not (vals[0] & vals[1] or vals[0] & vals[2] or vals[1] & vals[2])
+    assert set.union(*vals) == {i for i, s in enumerate(split) if s != "test"}
+    assert data.fold_split(records, split, 3, 1, seed=231) == data.fold_split(records, split, 3, 1, seed=231)

@@ -6,18 +6,18 @@ import scipy.stats
 from orestudy import compare, effects, stats, study
 
 
-def record(seed: int, accuracy: float, attention: str = "none", per_image: bool = True, n: int = 1000) -> dict:
+def record(seed: int, accuracy: float, attention: str = "none", per_image: bool = True, n: int = 1000) -> study.Trial:
     """A finished trial's record with n test images, round(accuracy * n) of them right."""
     right = round(accuracy * n)
     predictions = [["test", f"{seed}-{i:04d}", 0, [0.9, 0.1] if i < right else [0.2, 0.8]] for i in range(n)]
     metrics = {"accuracy": right / n, "macro_f1": right / n, "n_test": n}
     if per_image:
         metrics["predictions"] = predictions
-    return {"dataset": "minerals-abc", "status": "ok", "history": [], "metrics": metrics,
-            "config": {"backbone": "mobilenet_v2", "regime": "tl_da", "attention": attention, "seed": seed}}
+    return study.Trial({"backbone": "mobilenet_v2", "regime": "tl_da", "attention": attention, "seed": seed}, "ok",
+                       metrics, dataset="minerals-abc")
 
 
-def planted(effect: float, seeds=range(8), noise: float = 0.03, per_image: bool = True) -> list[dict]:
+def planted(effect: float, seeds=range(8), noise: float = 0.03, per_image: bool = True) -> list[study.Trial]:
     rng = np.random.default_rng(0)
     base = 0.85 + rng.normal(0, noise, len(seeds))  # split-to-split spread, shared by both arms
     jitter = rng.normal(0, 0.005, len(seeds))
@@ -66,7 +66,8 @@ def test_records_without_per_image_outcomes_still_compare(tmp_path):
     assert rows[0]["mcnemar_seeds"] == 0 and rows[0]["verdict"] == "better"
     assert "no per-image records" in effects.markdown(rows)
     path = tmp_path / "trials.jsonl"
-    study.write_records(path, planted(0.03, per_image=False) + planted(0.03))  # duplicates: per-image wins
+    trials = planted(0.03, per_image=False) + planted(0.03)  # duplicates: per-image wins
+    study.write_records(path, [t.record(t.dataset) for t in trials])
     (row,) = compare.main([str(path), "--output", str(tmp_path / "out")])
     assert row["mcnemar_seeds"] == 8
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"effects.md", "effects.csv", "effects.png"}

@@ -5,7 +5,7 @@ import optuna
 import pytest
 import ray
 
-from orestudy import search, study
+from orestudy import search, search_report, search_space, search_study, study, tracking
 
 TINY_SPACE = """
 description: tiny search on generated images
@@ -22,7 +22,7 @@ baseline: {attention: se, reduction: 4, lr: 1.0e-3, epochs: 2}
 
 @pytest.mark.parametrize("name", ["se_ablation", "se_ablation_cpu"])
 def test_shipped_spaces_load(name):
-    space = search.load_space(name)
+    space = search_space.load_space(name)
     assert {"attention", "reduction", "freeze_epochs", "aug_strength", "lr", "dropout"} <= set(space.params)
     assert space.baseline_config()["attention"] == "se" and space.trials >= 30
 
@@ -39,8 +39,8 @@ def test_shipped_spaces_load(name):
 def test_space_errors_name_file_and_key(tmp_path, text, where):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(search.SearchSpaceError, match=f"bad.yaml: {where}"):
-        search.load_space(str(path))
+    with pytest.raises(search_space.SearchSpaceError, match=f"bad.yaml: {where}"):
+        search_space.load_space(str(path))
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def ray_local():
 
 
 def finished_params(found):
-    return [tuple(sorted(t.params.items())) for t in search.finished(found)]
+    return [tuple(sorted(t.params.items())) for t in search_report.finished(found)]
 
 
 @pytest.mark.slow
@@ -66,7 +66,7 @@ def test_tiny_search_resumes_and_retrains(image_folder, tmp_path, monkeypatch, r
     search.main(common + ["--seeds"])  # 1 trial (the space's budget), no retraining
     storage = f"sqlite:///{out / 'tiny' / 'optuna.db'}"
     found = optuna.load_study(study_name="tiny", storage=storage)
-    assert len(search.finished(found)) == 1
+    assert len(search_report.finished(found)) == 1
     with pytest.raises(SystemExit):  # a search that exists is only continued on purpose
         search.main(common + ["--seeds"])
     assert "--resume continues it" in capsys.readouterr().err
@@ -78,17 +78,17 @@ def test_tiny_search_resumes_and_retrains(image_folder, tmp_path, monkeypatch, r
     search.main(common + ["--resume", "--trials", "3", "--time-budget", "3s", "--seeds"])
     found = optuna.load_study(study_name="tiny", storage=storage)
     (interrupted,) = [t for t in found.trials if t.state == optuna.trial.TrialState.FAIL]
-    assert len(search.finished(found)) == 1
+    assert len(search_report.finished(found)) == 1
     summary = search.main(common + ["--resume", "--trials", "3", "--seeds", "1", "2", "--baseline-seeds", "2"])
     found = optuna.load_study(study_name="tiny", storage=storage)
-    assert len(search.finished(found)) == 3
+    assert len(search_report.finished(found)) == 3
     assert len(set(finished_params(found))) == 3
     retry = [t for t in found.trials if t.user_attrs.get("retry_of") == interrupted.number]
-    assert len(retry) == 1 and retry[0].params == interrupted.params and retry[0].state in search.FINISHED
+    assert len(retry) == 1 and retry[0].params == interrupted.params and retry[0].state in search_report.FINISHED
 
     # Search trials are validated, never tested; only the retraining runs see the test split.
-    for t in search.finished(found):
-        run_dir = out / "tiny" / search.trial_name("tiny", t.number)
+    for t in search_report.finished(found):
+        run_dir = out / "tiny" / search_report.trial_name("tiny", t.number)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert "accuracy" not in metrics and "confusion_matrix" not in metrics
         assert not (run_dir / "confusion_matrix.png").exists()
@@ -113,13 +113,34 @@ def test_tiny_search_resumes_and_retrains(image_folder, tmp_path, monkeypatch, r
     retrain_runs = [r for r in children if r.info.run_name.endswith(("-s1", "-s2"))]
     assert len(retrain_runs) == 3  # best on seeds 1, 2; the baseline on 2
     status = {r.info.run_name: r.info.status for r in trial_runs}
-    assert all(status[search.trial_name("tiny", t.number)] in ("FINISHED", "KILLED") for t in search.finished(found))
+    assert all(status[search_report.trial_name("tiny", t.number)] in ("FINISHED", "KILLED") for t in search_report.finished(found))
     assert "RUNNING" not in status.values()  # a trial Tune stopped (ASHA, time budget) ends its run as KILLED
     assert not any(k.startswith("test_") for r in trial_runs for k in r.data.metrics)
     assert all("test_accuracy" in r.data.metrics for r in retrain_runs)
     assert parent.data.metrics["best_test_accuracy_mean"] == pytest.approx(summary["retrained"][
         next(label for label in summary["retrained"] if label.startswith("best"))]["mean"])
     assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+@pytest.mark.slow
+def test_a_cross_validated_search_reports_the_fold_mean_and_spread(image_folder, tmp_path, monkeypatch, ray_local):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    space_file = tmp_path / "cv.yaml"
+    space_file.write_text(TINY_SPACE.replace("trials: 1}", "trials: 1, folds: 2}"))
+    assert search_space.load_space(str(space_file)).folds == 2
+    out = tmp_path / "runs"
+    summary = search.main([str(space_file), "--output", str(out), "--data", str(image_folder), "--cache",
+                           str(tmp_path / "cache"), "--no-mlflow", "--seeds"])
+    best = summary["best"]
+    assert len(best["fold_best_val_accuracy"]) == 2
+    assert best["val_accuracy"] == pytest.approx(sum(best["fold_best_val_accuracy"]) / 2)
+    for fold in (0, 1):  # each fold its own run, validated only
+        metrics = json.loads((out / "cv" / f"{best['trial']}-fold{fold}" / "metrics.json").read_text())
+        assert "accuracy" not in metrics
+    assert "fold range" in (out / "cv" / "report.md").read_text()
+    with pytest.raises(SystemExit):  # the same search cannot continue with another objective
+        search.main([str(space_file), "--output", str(out), "--data", str(image_folder), "--resume", "--folds", "3",
+                     "--no-mlflow", "--seeds"])
 
 
 def test_backbone_without_weights_is_refused_before_searching(tmp_path, monkeypatch):
@@ -134,30 +155,29 @@ def test_backbone_without_weights_is_refused_before_searching(tmp_path, monkeypa
     path = tmp_path / "vgg.yaml"
     path.write_text("params: {backbone: {type: categorical, choices: [mobilenet_v2, vgg16]}}\n"
                     "fixed: {regime: tl}\nbudget: {epochs: 2}")
-    with pytest.raises(search.SearchSpaceError, match="vgg.yaml: params: backbone vgg16: ImageNet weights"):
-        search.check_weights(search.load_space(str(path)))
+    with pytest.raises(search_space.SearchSpaceError, match="vgg.yaml: params: backbone vgg16: ImageNet weights"):
+        search_space.check_weights(search_space.load_space(str(path)))
 
 
 def test_trials_stopped_early_are_pruned_not_complete(tmp_path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     optuna.create_study(storage=storage, study_name="s", direction="maximize")
-    space = search.load_space("se_ablation_cpu")
-    searcher = search.TPESearch(space.params, metric=search.METRIC, mode="max", study_name="s", storage=storage,
+    space = search_space.load_space("se_ablation_cpu")
+    searcher = search_study.TPESearch(space.params, metric=search_study.METRIC, mode="max", study_name="s", storage=storage,
                                 search="s", epochs=3)
     configs = [searcher.suggest(trial_id) for trial_id in ("a", "b")]
     assert [c["config"]["name"] for c in configs] == ["s-000", "s-001"]
     assert set(configs[0]["config"]) == set(space.params) | {"name"}
     last = {"best_epoch": 1, "best_val_loss": 0.4}
-    searcher.on_trial_complete("a", {**last, search.METRIC: 0.8, "epoch": 1})  # ASHA stopped it at epoch 1
-    searcher.on_trial_complete("b", {**last, search.METRIC: 0.7, "epoch": 3})
+    searcher.on_trial_complete("a", {**last, search_study.METRIC: 0.8, "epoch": 1})  # ASHA stopped it at epoch 1
+    searcher.on_trial_complete("b", {**last, search_study.METRIC: 0.7, "epoch": 3})
     a, b = optuna.load_study(study_name="s", storage=storage).trials
     assert (a.state, a.value, a.user_attrs["epochs_run"]) == (optuna.trial.TrialState.PRUNED, 0.8, 1)
     assert (b.state, b.value, b.user_attrs["epochs_run"]) == (optuna.trial.TrialState.COMPLETE, 0.7, 3)
-    assert search.best_trial(optuna.load_study(study_name="s", storage=storage)).number == b.number
+    assert search_report.best_trial(optuna.load_study(study_name="s", storage=storage)).number == b.number
 
 
 def test_stopped_trial_ends_its_mlflow_run(tmp_path, monkeypatch):
-    from orestudy import tracking
     from orestudy.config import TrainConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -165,6 +185,6 @@ def test_stopped_trial_ends_its_mlflow_run(tmp_path, monkeypatch):
     for name in ("t-000", "t-001"):
         config = TrainConfig(output=str(tmp_path), name=name, experiment="stop", regime="scratch")
         runs[name] = tracking.Tracker.start(config, tmp_path / name).run_id
-    search.end_stopped_runs("stop", "run_dir", str((tmp_path / "t-000").resolve()))
+    tracking.end_stopped_runs("stop", "run_dir", str((tmp_path / "t-000").resolve()))
     client = mlflow.MlflowClient()
     assert [client.get_run(runs[n]).info.status for n in ("t-000", "t-001")] == ["KILLED", "RUNNING"]

@@ -112,23 +112,23 @@ def test_records_of_the_same_computation_on_the_same_data_stand_in_for_trials(tm
     del elsewhere["aug_bank"]  # a record from before a field existed: the field's default stands in
 
     def outcome(config, status):
-        return {"config": config, "status": status, "metrics": {"status": status, "accuracy": 0.9, "time_total_s": 1},
-                "history": [{"epoch": 1, "val_accuracy": 0.8, "config/lr": 1e-4}]}
+        return study.Trial(config, status, {"status": status, "accuracy": 0.9, "time_total_s": 1},
+                           [{"epoch": 1, "val_accuracy": 0.8, "config/lr": 1e-4}])
 
-    records = [study.trial_record(outcome(elsewhere, "ok"), "minerals-abc"),
-               study.trial_record(outcome(second, "failed: out of memory"), "minerals-abc"),
-               study.trial_record(outcome(third, "ok"), "minerals-changed")]
+    records = [outcome(elsewhere, "ok").record("minerals-abc"),
+               outcome(second, "failed: out of memory").record("minerals-abc"),
+               outcome(third, "ok").record("minerals-changed")]
     assert "data" not in records[0]["config"] and records[0]["history"] == [{"epoch": 1, "val_accuracy": 0.8}]
     path = tmp_path / "trials.jsonl"
     study.write_records(path, records)
     to_run, reused = study.reusable([first, second, third], study.read_records(path), "minerals-abc")
     assert to_run == [second, third]  # a failed trial and one on other data run again
-    assert [r["config"] for r in reused] == [first] and reused[0]["metrics"]["accuracy"] == 0.9
+    assert [r.config for r in reused] == [first] and reused[0].metrics["accuracy"] == 0.9 and reused[0].reused
     # A (saved) study's trials, one per config still to run: the one that ran, and one never started
     # (Tune keeps no config for it); its trial of the reused config drops out.
-    never = {"config": None, "status": study.UNFINISHED, "metrics": {}, "history": [], "checkpoint": None}
+    never = study.Trial(None, study.UNFINISHED)
     rows = study.planned(to_run, [outcome(first, "unfinished"), never, outcome({**second, "output": "/x"}, "ok")])
-    assert [r["status"] for r in rows] == ["ok", study.UNFINISHED] and rows[1]["config"] == third
+    assert [r.status for r in rows] == ["ok", study.UNFINISHED] and rows[1].config == third
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(ValueError, match=r"trials.jsonl, line 4"):
         study.read_records(path)
@@ -195,11 +195,11 @@ def test_study_reports_ok_skipped_and_failed_cells(tiny_results):
     assert "| MobileNetV2 | Scratch | trained |" in report and "skipped: weights unavailable offline" in report
     assert (tmp / "runs" / "tiny" / "report" / "learning_curves_mobilenet_v2.png").exists()
     # The portable record keeps every validation and test image's outcome, for paired comparisons later.
-    (record,) = [r for r in study.read_records(tmp / "runs" / "tiny" / "report" / "trials.jsonl") if r["status"] == "ok"]
-    test = [row for row in record["metrics"]["predictions"] if row[0] == "test"]
-    assert len(test) == record["metrics"]["n_test"]
+    (record,) = [r for r in study.read_records(tmp / "runs" / "tiny" / "report" / "trials.jsonl") if r.status == "ok"]
+    test = [row for row in record.metrics["predictions"] if row[0] == "test"]
+    assert len(test) == record.metrics["n_test"]
     correct = sum(label == max(range(len(probs)), key=probs.__getitem__) for _, _, label, probs in test)
-    assert correct / len(test) == pytest.approx(record["metrics"]["accuracy"])
+    assert correct / len(test) == pytest.approx(record.metrics["accuracy"])
 
 
 @pytest.mark.slow
@@ -249,10 +249,10 @@ def test_a_later_study_reuses_finished_trials_and_a_report_needs_no_rerun(tiny_r
     _, tmp = tiny_results
     report = tmp / "runs" / "tiny" / "report"
     records = study.read_records(report / "trials.jsonl")
-    assert sorted(r["status"].split(":")[0] for r in records) == ["failed", "ok", "skipped"]
-    (ok,) = [r for r in records if r["status"] == "ok"]
-    assert ok["dataset"].startswith("minerals-") and [h["epoch"] for h in ok["history"]] == [1, 2]
-    assert ok["metrics"]["precision"] in ("torch.bfloat16", "fp32") and "data" not in ok["config"]
+    assert sorted(r.status.split(":")[0] for r in records) == ["failed", "ok", "skipped"]
+    (ok,) = [r for r in records if r.status == "ok"]
+    assert ok.dataset.startswith("minerals-") and [h["epoch"] for h in ok.history] == [1, 2]
+    assert ok.metrics["precision"] in ("torch.bfloat16", "fp32") and "data" not in ok.config
 
     monkeypatch.setenv("ORESTUDY_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -331,7 +331,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials_or_epochs(i
     assert [int(e) for e in re.findall(rf"\[{stopped}\] epoch (\d)/4", after)] == list(range(last + 1, 5))
     assert "n=2; 95% CI" in (tmp_path / "runs" / "resumable" / "report" / "report.md").read_text()
     records = study.read_records(tmp_path / "runs" / "resumable" / "report" / "trials.jsonl")
-    assert all([h["epoch"] for h in r["history"]] == [1, 2, 3, 4] for r in records) and len(records) == 2
+    assert all([h["epoch"] for h in r.history] == [1, 2, 3, 4] for r in records) and len(records) == 2
 
     runs = mlflow_runs(tmp_path / "runs")
     (parent,) = [r for r in runs if r.info.run_name == "resumable"]  # the resumed study kept its run

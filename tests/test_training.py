@@ -181,3 +181,27 @@ def test_bad_options_are_named(capsys):
         TrainConfig(aug_strength=2.0)
     with pytest.raises(ValueError, match="unknown config keys.*'lrate'"):
         TrainConfig.from_dict({"lrate": 0.1})
+
+
+def test_cross_validation_trains_every_fold_in_lockstep_and_never_tests(image_folder, tmp_path):
+    """folds=2: one model per fold, reported per epoch as the mean over folds; the test split is never
+    evaluated, and the folds' validation images are the non-test images, each evaluated once a fold."""
+    config = tiny_config(image_folder, tmp_path, folds=2, evaluate_test=False, name="cv")
+    rows, states = [], []
+    result = run_experiment(config, lambda row, state: (rows.append(row), states.append(state)))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    folds = result["folds"]
+    assert [f["run_dir"].rsplit("/", 1)[1] for f in folds] == ["cv-fold0", "cv-fold1"]
+    assert result["best_val_accuracy"] == pytest.approx(sum(f["best_val_accuracy"] for f in folds) / 2)
+    assert states[-1]["best"]["val_accuracy"] == pytest.approx(result["best_val_accuracy"])
+    assert len(states[-1]["folds"]) == 2
+    split = pd.read_csv(tmp_path / "runs" / "splits" / next((tmp_path / "runs" / "splits").iterdir()).name)
+    test_images = set(split[split["split"] == "test"]["sha256"])
+    seen = []
+    for f in folds:
+        assert "accuracy" not in f  # no test metrics
+        predictions = pd.read_csv(f["run_dir"] + "/predictions.csv")
+        assert set(predictions["split"]) == {"val"}
+        seen += list(predictions["sha256"])
+    assert len(seen) == len(set(seen)) == len(split) - len(test_images)  # each non-test image validated once
+    assert not set(seen) & test_images
