@@ -228,7 +228,7 @@ def argument_parser() -> argparse.ArgumentParser:
                              "threshold was chosen without it, so expect a few more 'unknown' answers)")
     parser.add_argument("--coverage", type=float, metavar="C",
                         help="also give each photo its prediction set: the fewest classes that hold the true one "
-                             "with probability C, e.g. 0.95 (calibrated on the validation split)")
+                             "with probability C, e.g. 0.95 (calibrated on the validation split, without --tta)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", type=Path, help="also write the predictions to this .csv or .json file")
     parser.add_argument("--runs", default="runs",
