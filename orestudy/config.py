@@ -65,7 +65,12 @@ class TrainConfig:
     image_size: int = option(0, "input size in pixels; 0: the backbone's own (224; 299 for Inception v3)")
     normalization: str = option("train", "train: the training split's channel statistics (paper eq. 3); "
                                           "backbone: the ImageNet weights' own", choices=("train", "backbone"))
-    unknown_target_error: float = option(0.05, "error rate the 'unknown' threshold allows on validation")
+    unknown_target_error: float = option(0.05, "most error allowed among answered photos; below the 'unknown' "
+                                               "threshold chosen on validation for it, a photo is 'unknown'")
+    unknown_delta: float = option(0.1, "the answered error is at most unknown_target_error with confidence "
+                                       "1 - unknown_delta (a Clopper-Pearson bound on validation)")
+    set_coverage: float = option(0.95, "coverage of the conformal prediction sets reported on test (predict "
+                                       "takes any with --coverage)")
     precision: str = option("auto", "autocast dtype; auto: bf16 on CUDA and on CPUs with native bf16, "
                                     "else fp32", choices=("auto", "bf16", "fp32"))
     threads: int = option(0, "CPU threads; 0: all cores this process may use", role=WHERE)
@@ -93,6 +98,9 @@ class TrainConfig:
             raise ValueError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
         if self.folds < 1 or not -1 <= self.fold < self.folds:
             raise ValueError(f"folds must be >= 1 and fold in -1 .. folds-1, got folds {self.folds}, fold {self.fold}")
+        for name in ("unknown_target_error", "unknown_delta", "set_coverage"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
 
     @property
     def weights(self) -> str:

@@ -6,8 +6,14 @@
 The model is a run folder, its best.pt, or an MLflow URI (runs:/<id>, models:/<name>/<version>), whose
 best.pt is fetched. Preprocessing (input size, resize, centre crop, mean/std) comes from the checkpoint,
 exactly as in validation. A photo whose top-1 probability is below the checkpoint's "unknown"
-threshold (chosen on the validation split for a target error rate) is answered "unknown": a 7-class
-model would otherwise name a rock it has never seen. Unreadable files get a row with the error.
+threshold is answered "unknown": a 7-class model would otherwise name a rock it has never seen. The
+threshold was chosen on the validation split so that, with confidence 1 - delta, the error among
+answered photos is at most the target (5 % and 0.1 by default; see the checkpoint). With --coverage C,
+each photo also gets a prediction set: the fewest classes that hold the true one with probability C
+("malachite or chrysocolla"), calibrated on the validation split (split-conformal). Unreadable files
+get a row with the error.
+
+    python -m orestudy.predict --model runs/<run name> --coverage 0.95 --output sets.json folder/
 """
 from __future__ import annotations
 
@@ -18,15 +24,16 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import data, device as devices, models
-from .evaluation import infer
+from .evaluation import NO_ANSWER, infer, prediction_sets
 
 UNKNOWN = "unknown"
 
@@ -38,6 +45,7 @@ class Prediction:
     confidence: float               # top-1 probability; nan when unreadable
     top: list[tuple[str, float]]    # the top-k classes, most likely first
     error: str = ""                 # why the file could not be read
+    set: list[str] = field(default_factory=list)  # the prediction set, with --coverage; most likely first
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,6 +80,15 @@ def unknown_threshold(meta: dict, source: str) -> float | None:
               f"named as one of the {len(meta['class_names'])} classes, however unlike them it is. Retrain "
               f"for a threshold chosen on validation.", file=sys.stderr)
     return threshold
+
+
+def calibration_scores(meta: dict, source: str) -> np.ndarray:
+    """The stored conformal scores; a checkpoint written before prediction sets has none (ValueError)."""
+    scores = meta["best"].get("conformal_scores")
+    if scores is None:
+        raise ValueError(f"{source} stores no conformal calibration (it predates prediction sets), so it "
+                         f"cannot give --coverage sets; retrain it, or leave out --coverage")
+    return np.asarray(scores)
 
 
 def eval_input(path: str | Path, input_size: int) -> torch.Tensor:
@@ -130,55 +147,77 @@ def with_flips(model: torch.nn.Module):
 
 def predict(model: torch.nn.Module, meta: dict, paths: list[str], threshold: float | None, top_k: int = 3,
             tta: bool = False, batch_size: int = 32, device: torch.device = torch.device("cpu"),
-            dtype: torch.dtype | None = None) -> Iterator[Prediction]:
-    """One Prediction per path, in order, streamed batch by batch."""
+            dtype: torch.dtype | None = None, scores: np.ndarray | None = None,
+            coverage: float | None = None) -> Iterator[Prediction]:
+    """One Prediction per path, in order, streamed batch by batch; with conformal scores and a
+    coverage, each with its prediction set."""
     names = meta["class_names"]
     k = min(top_k, len(names))
     forward = with_flips(model) if tta else model
     batches = prefetched(decoded_batches(paths, batch_size, meta["input_size"], meta["mean"], meta["std"]))
     for logits, (chunk, errors) in infer(forward, batches, device, dtype):
-        probs = iter(logits.softmax(1).cpu().tolist())
+        probs = logits.softmax(1).cpu().numpy()
+        sets = prediction_sets(probs, scores, coverage) if coverage else np.zeros_like(probs, dtype=bool)
+        rows = iter(zip(probs.tolist(), sets))
         for path, error in zip(chunk, errors):
             if error:
                 yield Prediction(path, "", float("nan"), [], error)
                 continue
-            top = sorted(zip(names, next(probs)), key=lambda item: -item[1])[:k]
+            p, in_set = next(rows)
+            ranked = sorted(zip(names, p, in_set), key=lambda item: -item[1])
+            top = [(name, q) for name, q, _ in ranked[:k]]
             confident = threshold is None or top[0][1] >= threshold  # the threshold is the lowest accepted
-            yield Prediction(path, top[0][0] if confident else UNKNOWN, top[0][1], top)
+            yield Prediction(path, top[0][0] if confident else UNKNOWN, top[0][1], top,
+                             set=[name for name, _, member in ranked if member])
 
 
 # ---------------------------------------------------------------------------------------------------
 # Output
 
-def csv_row(pred: Prediction, k: int) -> list:
+def csv_row(pred: Prediction, k: int, sets: bool) -> list:
     top = pred.top + [("", "")] * (k - len(pred.top))  # an unreadable file has no classes
-    return [pred.path, pred.answer, "" if pred.error else pred.confidence,
+    return [pred.path, pred.answer, "" if pred.error else pred.confidence, *([" or ".join(pred.set)] if sets else []),
             *[x for name, p in top for x in (name, p)], pred.error]
 
 
-def write_output(path: Path, preds: list[Prediction], k: int, header: dict) -> None:
-    """CSV (one row per file, top-k as columns) or JSON (with the model's details), by the suffix."""
+def write_output(path: Path, preds: list[Prediction], k: int, header: dict, sets: bool = False) -> None:
+    """CSV (one row per file, top-k as columns) or JSON (with the model's details), by the suffix; sets:
+    with each photo's prediction set (a 'set' column of names joined by ' or ', a 'set' list in JSON)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
         rows = [{"path": p.path, "answer": p.answer, "confidence": None if p.error else p.confidence,
+                 **({"set": p.set} if sets else {}),
                  "top_k": [{"class": c, "probability": q} for c, q in p.top], "error": p.error} for p in preds]
         path.write_text(json.dumps({**header, "predictions": rows}, indent=1))
         return
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "answer", "confidence", *[f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "p")],
-                         "error"])
-        writer.writerows(csv_row(p, k) for p in preds)
+        writer.writerow(["path", "answer", "confidence", *(["set"] if sets else []),
+                         *[f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "p")], "error"])
+        writer.writerows(csv_row(p, k, sets) for p in preds)
 
 
 def table_line(pred: Prediction, width: int) -> str:
     name = pred.path if len(pred.path) <= width else "..." + pred.path[-(width - 3):]
     if pred.error:
         return f"{name:<{width}}  {'UNREADABLE':<14} {pred.error}"
-    return f"{name:<{width}}  {pred.answer:<14} " + "  ".join(f"{c} {p:.3f}" for c, p in pred.top)
+    line = f"{name:<{width}}  {pred.answer:<14} " + "  ".join(f"{c} {p:.3f}" for c, p in pred.top)
+    return line + (f"   set: {' or '.join(pred.set)}" if pred.set else "")
 
 
-def main(argv: list[str] | None = None) -> list[Prediction]:
+def summary_line(preds: list[Prediction], threshold: float | None, coverage: float | None, seconds: float) -> str:
+    unreadable = sum(bool(p.error) for p in preds)
+    unknown = sum(p.answer == UNKNOWN for p in preds)
+    rule = ("no threshold stored" if threshold is None else "validation too small to promise the target error"
+            if threshold >= NO_ANSWER else f"top-1 probability < {threshold:.3f}")
+    if coverage:
+        sizes = [len(p.set) for p in preds if not p.error]
+        rule += f"; mean set size {np.mean(sizes) if sizes else 0:.2f} at coverage {coverage:g}"
+    return (f"{len(preds)} files: {len(preds) - unreadable - unknown} named, {unknown} unknown ({rule}), "
+            f"{unreadable} unreadable; {len(preds) / max(seconds, 1e-9):.1f} images/s")
+
+
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     parser.add_argument("--model", required=True, metavar="RUN_OR_CHECKPOINT",
@@ -187,6 +226,9 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     parser.add_argument("--tta", action="store_true",
                         help="average over the image and its horizontal and vertical flips (3x the compute; the "
                              "threshold was chosen without it, so expect a few more 'unknown' answers)")
+    parser.add_argument("--coverage", type=float, metavar="C",
+                        help="also give each photo its prediction set: the fewest classes that hold the true one "
+                             "with probability C, e.g. 0.95 (calibrated on the validation split, without --tta)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", type=Path, help="also write the predictions to this .csv or .json file")
     parser.add_argument("--runs", default="runs",
@@ -194,11 +236,18 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--threads", type=int, default=0, help="0: all cores this process may use")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[Prediction]:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")
     if args.output is not None and args.output.suffix not in (".csv", ".json"):
         parser.error(f"--output must end in .csv or .json, got {args.output}")
+    if args.coverage is not None and not 0.0 < args.coverage < 1.0:
+        parser.error(f"--coverage must be in (0, 1), got {args.coverage}")
     if args.model.startswith(("runs:/", "models:/")):
         from . import tracking
 
@@ -212,30 +261,31 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     except FileNotFoundError as err:
         parser.error(str(err))
     threshold = unknown_threshold(meta, args.model)
+    try:
+        scores = calibration_scores(meta, args.model) if args.coverage else None
+    except ValueError as err:
+        parser.error(str(err))
     paths = list_images(args.images)
     k = min(args.top_k, len(meta["class_names"]))
     width = min(60, max([len(p) for p in paths] + [4]))
 
-    print(f"{'file':<{width}}  {'answer':<14} top {k} (probability)")
+    print(f"{'file':<{width}}  {'answer':<14} top {k} (probability)"
+          + (f"   set ({args.coverage:g} coverage)" if args.coverage else ""))
     started = time.time()
     preds = []
-    stream = predict(model, meta, paths, threshold, k, args.tta, args.batch_size, device, dtype)
+    stream = predict(model, meta, paths, threshold, k, args.tta, args.batch_size, device, dtype, scores, args.coverage)
     for pred in tqdm(stream, total=len(paths), unit="image", disable=not sys.stderr.isatty()):
         tqdm.write(table_line(pred, width))  # keeps the table and the bar apart on a terminal
         preds.append(pred)
-    seconds = time.time() - started
     if args.output is not None:
         header = {"model": args.model, "classes": meta["class_names"], "input_size": meta["input_size"],
                   "mean": meta["mean"], "std": meta["std"], "unknown_threshold": threshold,
-                  "unknown_target_error": meta["best"].get("unknown_target_error"), "tta": args.tta}
-        write_output(args.output, preds, k, header)
-    unreadable = sum(bool(p.error) for p in preds)
-    unknown = sum(p.answer == UNKNOWN for p in preds)
-    rule = f"top-1 probability < {threshold:.3f}" if threshold is not None else "no threshold stored"
-    print(f"{len(preds)} files: {len(preds) - unreadable - unknown} named, {unknown} unknown ({rule}), "
-          f"{unreadable} unreadable; "
-          f"{len(preds) / max(seconds, 1e-9):.1f} images/s" + (f" -> {args.output}" if args.output else ""),
-          file=sys.stderr)
+                  **{key: meta["best"].get(key) for key in ("unknown_target_error", "unknown_delta",
+                                                             "unknown_error_bound")},
+                  "coverage": args.coverage, "tta": args.tta}
+        write_output(args.output, preds, k, header, sets=args.coverage is not None)
+    print(summary_line(preds, threshold, args.coverage, time.time() - started)
+          + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
     return preds
 
 

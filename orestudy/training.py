@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import data, device as devices, features, models
 from .config import TrainConfig
-from .evaluation import evaluate, per_image, test_metrics, unknown_threshold
+from .evaluation import calibration, evaluate, per_image, test_metrics
 
 AUX_WEIGHT = 0.4  # Inception v3's auxiliary loss weight (Szegedy et al. 2016)
 
@@ -271,14 +271,12 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
 
     val = evaluated("val", run.val_samples)
     outcomes = per_image("val", prep.records["val"], val)
-    best["unknown_threshold"] = unknown_threshold(val.probabilities.max(1), val.predictions == val.labels,
-                                                  config.unknown_target_error)
-    best["unknown_target_error"] = config.unknown_target_error
+    best.update(calibration(val.probabilities, val.labels, config.unknown_target_error, config.unknown_delta))
     save_best(run, best)
     result = {}
     if config.evaluate_test:
         test = evaluated("test", [(r, "identity") for r in prep.records["test"]])
-        result = test_metrics(test, prep.class_names, best["unknown_threshold"])
+        result = test_metrics(test, prep.class_names, best, config.set_coverage)
         outcomes += per_image("test", prep.records["test"], test)
     result.update({
         "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],

@@ -147,3 +147,64 @@ def test_mlflow_run_uri_is_the_same_model(trained, tmp_path, monkeypatch):
     images = [str(folder / "azurite")]
     from_uri = predict.main(["--model", f"runs:/{run.info.run_id}/model", "--runs", str(runs), *images])
     assert from_uri == predict.main(["--model", str(run_dir / "best.pt"), *images])
+
+
+def test_training_stores_the_calibration_of_its_validation_predictions(trained):
+    """best.pt keeps the guaranteed threshold and the conformal scores of the validation softmax
+    (recomputed here from the run's predictions.csv), and metrics.json what they do on test."""
+    folder, run_dir = trained
+    _, meta = models.load_checkpoint(run_dir / "best.pt")
+    with (run_dir / "predictions.csv").open() as f:
+        val = [row for row in csv.DictReader(f) if row["split"] == "val"]
+    probs = np.array([[float(row[f"p_{c}"]) for c in meta["class_names"]] for row in val])
+    labels = np.array([meta["class_names"].index(row["label"]) for row in val])
+    expected = evaluation.calibration(probs, labels, 0.05, 0.1)
+    best = meta["best"]
+    assert (best["unknown_target_error"], best["unknown_delta"]) == (0.05, 0.1)
+    assert best["unknown_threshold"] == pytest.approx(expected["unknown_threshold"], abs=1e-4)
+    np.testing.assert_allclose(best["conformal_scores"], expected["conformal_scores"], atol=1e-4)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["set_coverage"] == 0.95 and 1 <= metrics["test_mean_set_size"] <= len(COLOURS)
+    assert 0 <= metrics["test_set_coverage"] <= 1 and 0 <= metrics["test_answered_share"] <= 1
+    assert metrics["test_answered_error_within_target"] == (metrics["test_answered_error"] is None
+                                                            or metrics["test_answered_error"] <= 0.05)
+
+
+def test_coverage_gives_each_photo_its_prediction_set(trained, tmp_path, capsys):
+    folder, run_dir = trained
+    _, meta = models.load_checkpoint(run_dir / "best.pt")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    inputs = [str(folder), str(tmp_path / "bad.png")]
+    preds = predict.main(["--model", str(run_dir), *inputs, "--coverage", "0.6", "--output", str(tmp_path / "out.csv")])
+    probs = np.array([[dict(p.top)[c] for c in meta["class_names"]] for p in preds[:-1]])
+    sets = evaluation.prediction_sets(probs, np.array(meta["best"]["conformal_scores"]), 0.6)
+    for p, members in zip(preds, sets):
+        assert p.set == [c for c, _ in p.top if members[meta["class_names"].index(c)]]  # most likely first
+        assert p.set[0] == p.top[0][0]  # never empty: the top-1 class is always in
+    assert preds[-1].error and preds[-1].set == []
+    table = capsys.readouterr().out.splitlines()
+    assert "set (0.6 coverage)" in table[0] and table[1].endswith("set: " + " or ".join(preds[0].set))
+    with (tmp_path / "out.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:4] == ["path", "answer", "confidence", "set"]
+    assert [r["set"] for r in rows] == [" or ".join(p.set) for p in preds]
+
+    wider = predict.main(["--model", str(run_dir), *inputs, "--coverage", "0.99", "--output", str(tmp_path / "out.json")])
+    assert all(set(a.set) <= set(b.set) for a, b in zip(preds, wider))
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["coverage"] == 0.99 and [row["set"] for row in out["predictions"]] == [p.set for p in wider]
+    assert out["unknown_delta"] == 0.1
+
+
+def test_checkpoint_without_conformal_scores_says_so_for_coverage_only(trained, noise, tmp_path, capsys):
+    folder, run_dir = trained
+    ckpt = torch.load(run_dir / "best.pt", weights_only=False)
+    del ckpt["best"]["conformal_scores"]
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    with pytest.raises(SystemExit):
+        predict.main(["--model", str(old), str(noise), "--coverage", "0.95"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(old) in error and "conformal" in error
+    (pred,) = predict.main(["--model", str(old), str(noise)])
+    assert pred.set == [] and pred.answer
