@@ -68,6 +68,10 @@ class TrainConfig:
     device: str = option("auto", "cpu, cuda, cuda:N; auto: CUDA when present", role=WHERE)
     data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
                              "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
+    # Where the file lives; what it changes is part of the data set's name (data.dataset_name), which
+    # split manifests and trial records are keyed by.
+    curation: str = option("", "curation CSV (image, action, label, note): images to exclude or relabel, "
+                               "applied after scanning; the split stays the published data's", role=WHERE)
     output: str = option("runs", "folder of run folders and the MLflow store", role=WHERE)
     name: str = option("", "run folder name; derived from the config when empty", role=WHERE)
     cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps it in memory only", role=WHERE)

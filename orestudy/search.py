@@ -348,6 +348,7 @@ class SearchSettings:
     sampler_seed: int = 0
     data: str = field(default_factory=lambda: str(default_data_root()))
     cache: str = DEFAULTS["cache"]
+    curation: str = ""              # a curation file every trial's data is curated by
     device: str = "auto"
 
 
@@ -569,6 +570,7 @@ def run_search(space: SearchSpace, settings: study.StudySettings, options: Searc
     missing = target - done_before
     started = time.time()
     base = {**space.fixed, "epochs": space.epochs, "data": options.data, "cache": options.cache,
+            "curation": options.curation,
             "device": options.device, "output": str(folder), "mlflow": settings.mlflow,
             "experiment": settings.experiment, "parent_run": parent}
     if missing > 0:
@@ -642,6 +644,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--storage-path", default="", help="Ray Tune's results (default: OUTPUT/ray_results; on a "
                                                            "cluster a folder every node mounts, or a URI)")
     parser.add_argument("--cache", default=DEFAULTS["cache"], help="feature cache folder")
+    parser.add_argument("--curation", default="", metavar="FILE", help="curation CSV applied to every trial's data")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--experiment", default="orestudy", help="MLflow experiment")
     parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True)
@@ -662,6 +665,7 @@ def main(argv: list[str] | None = None) -> dict:
                              resume=args.resume, sampler_seed=args.sampler_seed,
                              data=str(Path(args.data).resolve()),
                              cache=str(Path(args.cache).resolve()) if args.cache else "",
+                             curation=str(Path(args.curation).resolve()) if args.curation else "",
                              device=args.device)
     # Ctrl-C stops the whole search, not just Tune's part of it (after which the retraining would
     # start); the trials it cuts short stay "running" in the study, and --resume runs them first.

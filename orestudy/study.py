@@ -52,6 +52,8 @@ class StudySettings:
     data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
                              "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
     cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps features in memory only", role=WHERE)
+    curation: str = option("", "curation CSV every trial's data is curated by (see train --curation); its "
+                               "trials' records name the curated data set", role=WHERE)
     device: str = option("auto", "the trials' device: cpu, cuda; auto: CUDA where a node has it", role=WHERE)
     address: str = option("", "a Ray cluster to join ('auto': the one running here, or host:port); "
                               "default: start Ray in this process", role=WHERE)
@@ -61,6 +63,7 @@ class StudySettings:
         self.output = str(Path(self.output).resolve())
         self.data = str(Path(self.data).resolve())
         self.cache = str(Path(self.cache).resolve()) if self.cache else ""
+        self.curation = str(Path(self.curation).resolve()) if self.curation else ""
         if not self.storage_path:
             self.storage_path = str(Path(self.output) / "ray_results")
         elif "://" not in self.storage_path:
@@ -150,7 +153,8 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
         return
     final = {k: result[k] for k in ("accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
                                     "wall_seconds", "confusion_matrix", "class_names", "device", "precision",
-                                    "threads", "run_dir", "predictions") if k in result}
+                                    "threads", "run_dir", "predictions", "curation", "n_test_full",
+                                    "test_full_accuracy", "test_full_macro_f1") if k in result}
     tune.report({"status": "ok", **final, "node_id": ray.get_runtime_context().get_node_id()},
                 checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
 
@@ -265,7 +269,7 @@ def outcomes(results: tune.ResultGrid) -> list[dict]:
 
 RECORD_METRICS = ("status", "reason", "accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
                   "wall_seconds", "device", "precision", "threads", "confusion_matrix", "class_names",
-                  "predictions")
+                  "predictions", "curation", "n_test_full", "test_full_accuracy", "test_full_macro_f1")
 HISTORY_COLUMNS = ("epoch", "frozen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds")
 
 
