@@ -291,7 +291,7 @@ def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, prog
         "samples": {c: rel(r.path, root) for c, r in samples.items()},
         "curation": cured.summary() if cured else None,
         "label_audit": label_audit.run_audit(root, output / "audit", seed=seed, curation=curation, cache=cache,
-                                             progress=progress) if audit else None,
+                                             image_size=input_size, progress=progress) if audit else None,
     }
     (output / "stats.json").write_text(json.dumps(stats, indent=1))
     (output / "summary.md").write_text(summary_markdown(stats))

@@ -499,6 +499,7 @@ def write_report(found: optuna.Study, space: SearchSpace, name: str, folder: Pat
              f"{summary['trials']['pruned']} were stopped early by ASHA, {summary['trials']['failed']} failed "
              f"or were interrupted (and re-run)",
              f"- search wall time: {hours:.2f} h over {len(sessions)} session(s)", ""]
+    lines += reports.curation_lines([o["metrics"] for outcomes in retrained.values() for o in outcomes])
     if best is None:
         lines.append("No trial has run all its epochs yet.")
     else:
