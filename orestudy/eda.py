@@ -335,7 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
         where += f", MLflow run {run_id}"
     print(f"{stats['n_images']} images, {len(stats['class_counts'])} classes, imbalance ratio "
           f"{stats['imbalance_ratio']:.2f}, {len(stats['unreadable'])} unreadable, "
-          f"{len(stats['near_duplicate_groups'])} near-duplicate groups -> {where}", file=sys.stderr)
+          f"{len(stats['near_duplicate_groups'])} near-duplicate groups"
+          + (f", {stats['label_audit']['n_flagged']} flagged by the label audit" if stats["label_audit"] else "")
+          + f" -> {where}", file=sys.stderr)
     return stats
 
 

@@ -120,10 +120,11 @@ def montage(path: Path, rows: list[dict], root: Path, cols: int = 6) -> None:
 def summary_markdown(stats: dict, rows: list[dict], top: int) -> str:
     flagged = [r for r in rows if r["flagged"]]
     pairs = Counter((r["given"], r["suggested"]) for r in flagged).most_common()
-    curated = stats.get("curation")
+    c = stats.get("curation")
+    curated = f" after curation by {c['file']} ({c['excluded']} excluded, {c['relabelled']} relabelled)" if c else ""
     lines = [
         f"# Label audit: {stats['data']}", "",
-        f"{stats['n_images']} images{' after curation (' + str(curated['excluded']) + ' excluded, ' + str(curated['relabelled']) + ' relabelled by ' + curated['file'] + ')' if curated else ''}; "
+        f"{stats['n_images']} images{curated}; "
         f"out-of-fold probabilities from {stats['features']} features ({stats['folds']} folds grouped by "
         f"near-duplicates, logistic regression; out-of-fold accuracy {stats['oof_accuracy']:.3f}), then "
         f"confident learning (cleanlab `find_label_issues`).", "",
