@@ -77,6 +77,10 @@ class TrainConfig:
     device: str = option("auto", "cpu, cuda, cuda:N; auto: CUDA when present", role=WHERE)
     data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
                              "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
+    # Where the file lives; what it changes is part of the data set's name (data.dataset_name), which
+    # split manifests and trial records are keyed by.
+    curation: str = option("", "curation CSV (image, action, label, note): images to exclude or relabel, "
+                               "applied after scanning; the split stays the published data's", role=WHERE)
     output: str = option("runs", "folder of run folders and the MLflow store", role=WHERE)
     name: str = option("", "run folder name; derived from the config when empty", role=WHERE)
     cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps it in memory only", role=WHERE)
@@ -182,6 +186,8 @@ class StudySettings:
     data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
                              "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
     cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps features in memory only", role=WHERE)
+    curation: str = option("", "curation CSV every trial's data is curated by (see train --curation); its "
+                               "trials' records name the curated data set", role=WHERE)
     device: str = option("auto", "the trials' device: cpu, cuda; auto: CUDA where a node has it", role=WHERE)
     address: str = option("", "a Ray cluster to join ('auto': the one running here, or host:port); "
                               "default: start Ray in this process", role=WHERE)
@@ -191,6 +197,7 @@ class StudySettings:
         self.output = str(Path(self.output).resolve())
         self.data = str(Path(self.data).resolve())
         self.cache = str(Path(self.cache).resolve()) if self.cache else ""
+        self.curation = str(Path(self.curation).resolve()) if self.curation else ""
         if not self.storage_path:
             self.storage_path = str(Path(self.output) / "ray_results")
         elif "://" not in self.storage_path:

@@ -12,7 +12,8 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import imagehash
@@ -143,22 +144,38 @@ def make_split(records: list[ImageRecord], seed: int, fractions=(0.6, 0.2, 0.2))
     return split.tolist()
 
 
-def write_manifest(path: Path, records: list[ImageRecord], split: list[str], root: Path) -> None:
+def write_manifest(path: Path, records: list[ImageRecord], split: list[str], root: Path,
+                   curation: Curation | None = None) -> None:
+    """One row per image: path, content hash, label, split, near-duplicate group; a curated data set's
+    manifest has the same split, the new labels, and each image's curation action and the curation's hash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     groups = near_duplicate_groups(records)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "sha256", "label", "split", "group"])
+        writer.writerow(["path", "sha256", "label", "split", "group"] + (["action", "curation"] if curation else []))
         for rec, part, group in zip(records, split, groups):
-            writer.writerow([os.path.relpath(rec.path, root), rec.sha256, rec.label, part, int(group)])
+            row = [os.path.relpath(rec.path, root), rec.sha256, rec.label, part, int(group)]
+            if curation:
+                action, label = curation.actions.get(rec.path, ("", ""))
+                row[2] = label or rec.label
+                row += [action, curation.sha256]
+            writer.writerow(row)
     os.replace(tmp, path)
 
 
-def read_manifest(path: Path, records: list[ImageRecord], root: Path) -> list[str]:
-    """Split per record from a saved manifest; refuses a manifest that no longer matches the data."""
+def read_manifest(path: Path, records: list[ImageRecord], root: Path, curation: Curation | None = None) -> list[str]:
+    """Split per record from a saved manifest; refuses a manifest that no longer matches the data, or
+    that was made with another curation (or none) than this run's."""
     with path.open() as f:
-        rows = {(row["path"], row["sha256"]): row["split"] for row in csv.DictReader(f)}
+        table = list(csv.DictReader(f))
+    made_with = {row.get("curation") or "" for row in table}
+    wanted = curation.sha256 if curation else ""
+    if made_with - {wanted}:
+        made = ", ".join(sorted(f"curation {c}" if c else "no curation" for c in made_with))
+        raise ValueError(f"split manifest {path} was made with {made}, but this run has "
+                         f"{f'curation {wanted} ({curation.file})' if curation else 'no curation'}")
+    rows = {(row["path"], row["sha256"]): row["split"] for row in table}
     keys = [(os.path.relpath(r.path, root), r.sha256) for r in records]
     missing = [k[0] for k in keys if k not in rows]
     if missing or len(rows) != len(keys):
@@ -190,6 +207,104 @@ def fold_split(records: list[ImageRecord], split: list[str], folds: int, fold: i
     for i in rest[held]:
         out[i] = "val"
     return out
+
+
+def dataset_split(records: list[ImageRecord], seed: int, folder: Path, root: Path,
+                  curation: Curation | None = None) -> tuple[list[str], Path]:
+    """(split per record, its manifest folder/<dataset name>-seed<seed>.csv), made once per data set
+    and seed and shared by every run. A curated data set keeps the published data's split, so curated
+    and published runs of a seed test on the same photos (less the excluded) and compare image by
+    image; its own manifest records the curation."""
+    manifest = folder / f"{dataset_name(root, records)}-seed{seed}.csv"
+    split = load_or_make_split(records, seed, manifest, root)
+    if curation is None:
+        return split, manifest
+    curated = folder / f"{dataset_name(root, records, curation)}-seed{seed}.csv"
+    if curated.exists():
+        return read_manifest(curated, records, root, curation), curated
+    write_manifest(curated, records, split, root, curation)
+    return split, curated
+
+
+# ---------------------------------------------------------------------------------------------------
+# Curation: what a person decided about single photos after looking at them (an audit's flags are
+# questions, not decisions). Applied right after scanning; the split stays the published data's.
+
+CURATION_ACTIONS = ("exclude", "relabel")
+CURATION_COLUMNS = ("image", "action", "label", "note")
+
+
+@dataclass(frozen=True)
+class Curation:
+    file: str
+    sha256: str     # of its decisions (image, action, label), not its notes: a reworded note changes nothing
+    actions: dict   # record path -> (action, new label; "" for exclude)
+
+    def summary(self) -> dict:
+        done = [action for action, _ in self.actions.values()]
+        return {"file": self.file, "sha256": self.sha256, "excluded": done.count("exclude"),
+                "relabelled": done.count("relabel")}
+
+
+def read_curation(path: str | Path, records: list[ImageRecord], root: str | Path) -> Curation:
+    """A curation CSV (image, action, label, note) checked against the scanned data. image is a content
+    hash (every copy of those bytes) or a path relative to root; action exclude or relabel (label: one
+    of the class folders); note says what the photo shows. A bad line is an error naming file and line."""
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise FileNotFoundError(f"curation file not found: {path}")
+    by_sha, by_path = defaultdict(list), {}
+    for rec in records:
+        by_sha[rec.sha256].append(rec)
+        by_path[os.path.relpath(rec.path, root)] = rec
+    classes = sorted({r.label for r in records})
+    actions = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if set(CURATION_COLUMNS) - set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: needs the columns {', '.join(CURATION_COLUMNS)}; found {reader.fieldnames}")
+        for row in reader:
+            image, action, label, note = ((row[k] or "").strip() for k in CURATION_COLUMNS)
+            targets = by_sha.get(image.lower()) or ([by_path[image]] if image in by_path else [])
+            problem = curation_problem(image, action, label, note, targets, classes, actions)
+            if problem:
+                raise ValueError(f"{path}, line {reader.line_num}: {problem}")
+            actions.update({t.path: (action, label) for t in targets})
+    if not actions:
+        raise ValueError(f"{path}: no curation decisions in it")
+    decisions = sorted(f"{os.path.relpath(p, root)},{a},{lab}" for p, (a, lab) in actions.items())
+    return Curation(str(path), hashlib.sha256("\n".join(decisions).encode()).hexdigest(), actions)
+
+
+def curation_problem(image, action, label, note, targets, classes, done) -> str:
+    """What is wrong with one line of a curation file ('' if nothing)."""
+    if not targets:
+        return f"{image!r} is not an image of the data (a content hash, or a path relative to the data folder)"
+    if action not in CURATION_ACTIONS:
+        return f"action {action!r}: expected one of {', '.join(CURATION_ACTIONS)}"
+    if action == "relabel" and label not in classes:
+        return f"relabel needs a label, one of {', '.join(classes)}; got {label!r}"
+    if action == "relabel" and all(t.label == label for t in targets):
+        return f"it is labelled {label} already"
+    if action == "exclude" and label:
+        return f"exclude takes no label; got {label!r}"
+    if not note:
+        return "the note is empty: say what the photo shows"
+    if any(t.path in done for t in targets):
+        return f"{targets[0].path} is curated on an earlier line too"
+    return ""
+
+
+def apply_curation(records: list[ImageRecord], curation: Curation | None) -> list[ImageRecord]:
+    """records less the excluded ones, the relabelled with their new label."""
+    if curation is None:
+        return records
+    kept = []
+    for rec in records:
+        action, label = curation.actions.get(rec.path, ("", ""))
+        if action != "exclude":
+            kept.append(replace(rec, label=label) if action == "relabel" else rec)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,7 +453,9 @@ def dataset_fingerprint(records) -> str:
     return hashlib.sha256("".join(sorted(r.sha256 for r in records)).encode()).hexdigest()[:10]
 
 
-def dataset_name(root: str | Path, records) -> str:
+def dataset_name(root: str | Path, records, curation: Curation | None = None) -> str:
     """A scanned data set by folder name and content, e.g. minerals-1a2b3c4d5e: what split manifests
-    and trial records are keyed by, so the same photos elsewhere are recognised and changed ones are not."""
-    return f"{Path(root).name}-{dataset_fingerprint(records)}"
+    and trial records are keyed by, so the same photos elsewhere are recognised and changed ones are not.
+    A curated one (records: as scanned) adds its curation's hash: minerals-1a2b3c4d5e-curated-0f1e2d3c4b."""
+    name = f"{Path(root).name}-{dataset_fingerprint(records)}"
+    return f"{name}-curated-{curation.sha256[:10]}" if curation else name

@@ -5,7 +5,8 @@
 Writes to the output folder, and logs as one MLflow run (experiment "orestudy-eda"):
 class_counts.png (images per class, imbalance ratio), samples.png (one random photo per class),
 sizes.png (width vs height by class, file formats and modes), rgb_histograms.png (each class's RGB
-histogram), unreadable.csv, near_duplicates.csv, stats.json and summary.md, which ties them together.
+histogram), unreadable.csv, near_duplicates.csv, stats.json and summary.md, which ties them together;
+and the label audit (orestudy.audit) in audit/. With --curation, the curated data is described.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config, data, tracking
+from . import config, data, label_audit, tracking
 from .reports import plt  # matplotlib with the Agg backend: files only
 
 CHANNELS = ("red", "green", "blue")
@@ -176,7 +177,9 @@ def summary_markdown(stats: dict) -> str:
     small_class = min(counts, key=counts.get)
     lines = [
         f"# EDA: {stats['data']}", "",
-        f"{stats['n_images']} readable images in {len(counts)} classes, {len(stats['unreadable'])} unreadable files.", "",
+        f"{stats['n_images']} readable images in {len(counts)} classes, {len(stats['unreadable'])} unreadable files"
+        + (f", after curation by {stats['curation']['file']} ({stats['curation']['excluded']} excluded, "
+           f"{stats['curation']['relabelled']} relabelled)." if stats["curation"] else "."), "",
         "## What to know before training", "",
         f"- **Class imbalance**: {max(counts.values())} to {counts[small_class]} images per class (ratio "
         f"{stats['imbalance_ratio']:.2f}; smallest: {small_class}). Accuracy favours the large classes: "
@@ -187,6 +190,10 @@ def summary_markdown(stats: dict) -> str:
         + (f" **{stats['cross_class_groups']} of them span classes**: look at them in near_duplicates.png; "
            f"either one photo carries two labels (fix the label) or the hash, which ignores colour, matched "
            f"two different specimens (harmless: they only stay in one split)." if stats["cross_class_groups"] else ""),
+        *([f"- **Label audit**: {stats['label_audit']['n_flagged']} images "
+           f"({100 * stats['label_audit']['flagged_share']:.1f} %) flagged as possibly mislabelled (confident "
+           f"learning on out-of-fold probabilities): look at them in audit/label_issues.png, listed in "
+           f"audit/label_issues.csv, and put what you decide in a curation file."] if stats["label_audit"] else []),
         f"- **Unreadable files**: {len(stats['unreadable'])}"
         + (" (listed below; training leaves them out)." if stats["unreadable"] else "."),
         f"- **Sizes**: {sizes['min_width']}-{sizes['max_width']} x {sizes['min_height']}-{sizes['max_height']} px "
@@ -233,10 +240,14 @@ def fmt3(values) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 
-def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, progress: bool = False) -> dict:
-    """Writes every figure, table and the summary to output; returns the numbers (also in stats.json)."""
+def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, progress: bool = False,
+            audit: bool = True, curation: str = "", cache: str = "") -> dict:
+    """Writes every figure, table and the summary to output (the label audit to output/audit); returns
+    the numbers (also in stats.json)."""
     output.mkdir(parents=True, exist_ok=True)
     records, bad = data.scan_folder(root, progress)
+    cured = data.read_curation(curation, records, root) if curation else None
+    records = data.apply_curation(records, cured)
     class_names = sorted({r.label for r in records})
     colours = class_colours(class_names)
 
@@ -278,6 +289,9 @@ def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, prog
                                   for g in groups],
         "cross_class_groups": sum(len({r.label for r in g}) > 1 for g in groups),
         "samples": {c: rel(r.path, root) for c, r in samples.items()},
+        "curation": cured.summary() if cured else None,
+        "label_audit": label_audit.run_audit(root, output / "audit", seed=seed, curation=curation, cache=cache,
+                                             image_size=input_size, progress=progress) if audit else None,
     }
     (output / "stats.json").write_text(json.dumps(stats, indent=1))
     (output / "summary.md").write_text(summary_markdown(stats))
@@ -290,12 +304,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=Path("runs/eda"))
     parser.add_argument("--input-size", type=int, default=224, help="model input size the mean/std are taken at")
     parser.add_argument("--seed", type=int, default=0, help="which photo of each class is shown")
+    parser.add_argument("--audit", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the label audit too (about a minute per thousand photos on a CPU)")
+    parser.add_argument("--curation", default="", metavar="FILE", help="describe the data after this curation file")
+    parser.add_argument("--cache", default=str(config.DEFAULT_CACHE), help="the audit's feature cache; '': none")
     parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--runs", default="runs",
                         help="folder whose mlflow.db the report is logged to, unless MLFLOW_TRACKING_URI is set")
     parser.add_argument("--experiment", default="orestudy-eda")
     args = parser.parse_args(argv)
-    stats = run_eda(args.data, args.output, args.input_size, args.seed, progress=sys.stderr.isatty())
+    try:
+        stats = run_eda(args.data, args.output, args.input_size, args.seed, sys.stderr.isatty(), args.audit,
+                        args.curation, args.cache)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
     where = f"{args.output}/summary.md"
     if args.mlflow:
         metrics = {"n_images": stats["n_images"], "n_classes": len(stats["class_counts"]),
@@ -305,13 +327,17 @@ def main(argv: list[str] | None = None) -> dict:
                    **{f"mean_{c}": m for c, m in zip(CHANNELS, stats["mean"])},
                    **{f"std_{c}": s for c, s in zip(CHANNELS, stats["std"])},
                    **{f"images_{c}": n for c, n in stats["class_counts"].items()}}
-        params = {k: stats[k] for k in ("data", "input_size", "seed")}
+        if stats["label_audit"]:
+            metrics["n_label_issues"] = stats["label_audit"]["n_flagged"]
+        params = {k: stats[k] for k in ("data", "input_size", "seed")} | {"curation": args.curation}
         run_id = tracking.log_folder(args.runs, args.experiment, f"eda-{Path(stats['data']).name}", params,
                                      metrics, args.output)
         where += f", MLflow run {run_id}"
     print(f"{stats['n_images']} images, {len(stats['class_counts'])} classes, imbalance ratio "
           f"{stats['imbalance_ratio']:.2f}, {len(stats['unreadable'])} unreadable, "
-          f"{len(stats['near_duplicate_groups'])} near-duplicate groups -> {where}", file=sys.stderr)
+          f"{len(stats['near_duplicate_groups'])} near-duplicate groups"
+          + (f", {stats['label_audit']['n_flagged']} flagged by the label audit" if stats["label_audit"] else "")
+          + f" -> {where}", file=sys.stderr)
     return stats
 
 

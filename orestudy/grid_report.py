@@ -145,6 +145,7 @@ def report_text(grid: dict, published: dict, tables: dict[str, pd.DataFrame], tr
                 name: str, epochs: int, contrasts: list[dict]) -> str:
     paper_epochs = grid["paper"]["epochs"]
     lines = [f"# orestudy study `{name}`", "", trials_line(trials)]
+    lines += reports.curation_lines([t.metrics for t in trials])
     if epochs != paper_epochs:
         lines += ["", f"**Budget: {epochs} epochs instead of the paper's {paper_epochs}** "
                       "(frozen epochs scaled in proportion): a quick look, not a replication."]

@@ -26,6 +26,8 @@ def field_value(text: str) -> tuple[str, object]:
     """KEY=VALUE for a TrainConfig field, typed like the field."""
     key, _, value = text.partition("=")
     defaults = config.defaults()
+    if key == "curation":
+        raise argparse.ArgumentTypeError("set the curation with --curation FILE")
     if key not in defaults or key in STUDY_OWNED:
         raise argparse.ArgumentTypeError(
             f"{key!r} is not a TrainConfig field the study leaves free; the grid, --epochs and --seeds set "

@@ -63,10 +63,12 @@ def replicate(selection: Selection, settings: study.StudySettings, resume: bool 
     settings.name = settings.name or default_name(selection, grid, epochs, seeds)
     shared = {**grid["paper"], **selection.fields, "epochs": epochs, "data": settings.data, "cache": settings.cache,
               "output": str(Path(settings.output) / settings.name), "experiment": settings.experiment,
-              "mlflow": settings.mlflow, "device": settings.device}
+              "mlflow": settings.mlflow, "device": settings.device, "curation": settings.curation}
     configs = grids.trial_configs(grid, cells, seeds, shared)
     earlier = [r for path in reuse for r in study.read_records(path)]
-    dataset = data.dataset_name(settings.data, data.scan_cached(settings.data, True, settings.cache)[0])
+    records = data.scan_cached(settings.data, True, settings.cache)[0]
+    curation = data.read_curation(settings.curation, records, settings.data) if settings.curation else None
+    dataset = data.dataset_name(settings.data, records, curation)
     configs, reused = study.reusable(configs, earlier, dataset)
     print(f"[study] {settings.name}: {len(cells)} cells, {len(configs) + len(reused)} trials"
           + (f" ({len(reused)} from {', '.join(reuse)})" if reused else "") + f" -> {settings.path}", flush=True)

@@ -88,6 +88,15 @@ def write_run_report(run_dir: Path, history: list[dict], result: dict, class_nam
 # ---------------------------------------------------------------------------------------------------
 # Studies: one cell's runs over seeds, summarised, and tables as Markdown
 
+def curation_lines(metrics: list[dict]) -> list[str]:
+    """A report's statement of the curations its runs' data had (metrics: the runs' results), if any."""
+    curations = {json.dumps(m["curation"], sort_keys=True) for m in metrics if m.get("curation")}
+    return ["", *[f"**Curated data** ({c['file']}, curation {c['sha256'][:10]}): {c['excluded']} images excluded, "
+                  f"{c['relabelled']} relabelled. Accuracies are on the curated test split; each run's "
+                  f"test_full_accuracy is on the published one." for c in map(json.loads, sorted(curations))]
+            ] if curations else []
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     text = frame.astype(str).map(lambda s: s.replace("|", "\\|"))
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]

@@ -189,7 +189,8 @@ def write_report(found: optuna.Study, space: SearchSpace, name: str, folder: Pat
              f"{summary['trials']['pruned']} were stopped early by ASHA, {summary['trials']['failed']} failed "
              f"or were interrupted (and re-run)",
              f"- search wall time: {summary['search_seconds'] / 3600:.2f} h over {len(sessions)} session(s)", "",
-             *best_lines(found, space, name), *(retrained_lines(summaries, contrast) if summaries else [])]
+             *best_lines(found, space, name), *(retrained_lines(summaries, contrast) if summaries else []),
+             *reports.curation_lines([o.metrics for outcomes in retrained.values() for o in outcomes])]
     if weights:
         lines += ["## What mattered: fANOVA importance over the trials that ran all epochs", "",
                   reports.markdown_table(pd.DataFrame({"parameter": list(weights),

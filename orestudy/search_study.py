@@ -199,7 +199,9 @@ def retrain_picks(found: optuna.Study, space: SearchSpace, settings: study.Study
     if options.baseline:
         retrained["baseline (paper recipe)"] = retrain(
             settings, "baseline", {**runtime, **space.baseline_config()}, options.baseline_seeds or options.seeds)
-    dataset = data.dataset_name(settings.data, data.scan_cached(settings.data, False, settings.cache)[0])
+    records = data.scan_cached(settings.data, False, settings.cache)[0]
+    curation = data.read_curation(settings.curation, records, settings.data) if settings.curation else None
+    dataset = data.dataset_name(settings.data, records, curation)
     study.write_records(Path(settings.output) / settings.name / "trials.jsonl",
                         [o.record(dataset) for runs in retrained.values() for o in runs if o.config])
     return retrained
@@ -234,7 +236,8 @@ def run_search(space: SearchSpace, settings: study.StudySettings, options: Searc
         options.resume) if settings.mlflow else ""
     if parent:  # a killed session's runs
         tracking.end_stopped_runs(settings.experiment, "mlflow.parentRunId", parent)
-    runtime = {"data": settings.data, "cache": settings.cache, "device": settings.device, "output": str(folder),
+    runtime = {"data": settings.data, "cache": settings.cache, "curation": settings.curation,
+               "device": settings.device, "output": str(folder),
                "mlflow": settings.mlflow, "experiment": settings.experiment, "parent_run": parent}
     trial_fields = {"folds": space.folds} if space.folds > 1 else {}  # fold -1: every fold, in lockstep
     search_session(found, storage, space, settings, options,

@@ -35,6 +35,9 @@ def flat_metrics(result: dict) -> dict[str, float]:
     metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for name, scores in result.get("per_class", {}).items():
         metrics.update({f"test_{key}_{name}": float(value) for key, value in scores.items() if key != "support"})
+    for key, value in (result.get("curation") or {}).items():  # a curated run's counts
+        if key in ("excluded", "relabelled"):
+            metrics[f"curation_{key}"] = float(value)
     for key in ("accuracy", "macro_f1"):  # absent when the run did not evaluate the test split
         if key in metrics:
             metrics[f"test_{key}"] = metrics.pop(key)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import data, device as devices, features, models
 from .config import TrainConfig
-from .evaluation import calibration, evaluate, per_image, test_metrics
+from .evaluation import calibration, classification_metrics, evaluate, per_image, test_metrics
 
 AUX_WEIGHT = 0.4  # Inception v3's auxiliary loss weight (Szegedy et al. 2016)
 
@@ -66,6 +66,8 @@ class Prepared:
     labels: dict[str, list[int]]
     bad_files: list
     manifest: Path
+    curation: dict | None = None  # data.Curation.summary() of a curated run
+    published_test: list = field(default_factory=list)  # a curated run's test split before curation
 
 
 def prepare_data(config: TrainConfig, run_dir: Path, progress: bool = False) -> Prepared:
@@ -73,18 +75,21 @@ def prepare_data(config: TrainConfig, run_dir: Path, progress: bool = False) -> 
     records, bad = data.scan_cached(str(root), progress, config.cache)
     for b in bad:
         print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
+    curation = data.read_curation(config.curation, records, root) if config.curation else None
     # One manifest per (data set, seed) is shared by every run; each run keeps a copy beside it.
-    shared = Path(config.output) / "splits" / f"{data.dataset_name(root, records)}-seed{config.seed}.csv"
-    split = data.load_or_make_split(records, config.seed, shared, root)
+    split, shared = data.dataset_split(records, config.seed, Path(config.output) / "splits", root, curation)
     if config.folds > 1:  # cross-validation: this run's fold of the non-test images validates
         split = data.fold_split(records, split, config.folds, config.fold, config.seed)
-        data.write_manifest(run_dir / "split.csv", records, split, root)
+        data.write_manifest(run_dir / "split.csv", records, split, root, curation)
     else:
         (run_dir / "split.csv").write_bytes(shared.read_bytes())
     class_names = sorted({r.label for r in records})
-    by_split = {s: [r for r, p in zip(records, split) if p == s] for s in data.SPLITS}
+    published = {s: [r for r, p in zip(records, split) if p == s] for s in data.SPLITS}
+    by_split = {s: data.apply_curation(recs, curation) for s, recs in published.items()}
     labels = {s: [class_names.index(r.label) for r in recs] for s, recs in by_split.items()}
-    return Prepared(class_names, by_split, labels, bad, shared)
+    if curation is None:
+        return Prepared(class_names, by_split, labels, bad, shared)
+    return Prepared(class_names, by_split, labels, bad, shared, curation.summary(), published["test"])
 
 
 @dataclass
@@ -278,6 +283,7 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
         test = evaluated("test", [(r, "identity") for r in prep.records["test"]])
         result = test_metrics(test, prep.class_names, best, config.set_coverage)
         outcomes += per_image("test", prep.records["test"], test)
+    result.update(curation_metrics(run, depth))
     result.update({
         "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
         "wall_seconds": progress.elapsed + time.time() - run.started, "threads": run.threads,
@@ -291,6 +297,22 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
         else f"best val accuracy {best['val_accuracy']:.4f}, test not evaluated"
     run.log(f"{tested} (best epoch {best['epoch']}, {result['wall_seconds']:.0f}s) -> {run.run_dir}")
     return result
+
+
+def curation_metrics(run: Run, depth: int) -> dict:
+    """A curated run's curation, and (when it tests) its model on the published test split with the
+    published labels: the same photos an uncurated run of the seed is tested on."""
+    prep = run.prep
+    if prep.curation is None:
+        return {}
+    if not run.config.evaluate_test:
+        return {"curation": prep.curation}
+    labels = [prep.class_names.index(r.label) for r in prep.published_test]
+    full = evaluate(*run.route.eval_batches(depth, [(r, "identity") for r in prep.published_test], labels,
+                                            run.config.batch_size), run.device, run.dtype)
+    scores = classification_metrics(full.labels, full.predictions, prep.class_names)
+    return {"curation": prep.curation, "n_test_full": len(labels), "test_full_accuracy": scores["accuracy"],
+            "test_full_macro_f1": scores["macro_f1"]}
 
 
 def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | None = None,
