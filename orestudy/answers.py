@@ -37,13 +37,13 @@ def record_answers(record: dict, target_error: float, delta: float, coverage: fl
     from .effects import cell_label
     from .evaluation import answer_metrics, calibration, point_threshold
 
-    val_p, val_y = split_arrays(record["metrics"]["predictions"], "val")
-    test_p, test_y = split_arrays(record["metrics"]["predictions"], "test")
+    val_p, val_y = split_arrays(record.metrics["predictions"], "val")
+    test_p, test_y = split_arrays(record.metrics["predictions"], "test")
     calibrated = calibration(val_p, val_y, target_error, delta)
     guaranteed = answer_metrics(test_p, test_y, calibrated, coverage)
     point = point_threshold(val_p.max(1), val_p.argmax(1) == val_y, target_error)
     pointed = answer_metrics(test_p, test_y, {**calibrated, "unknown_threshold": point}, coverage)
-    return {"configuration": cell_label(record["config"]), "seed": record["config"]["seed"],
+    return {"configuration": cell_label(record.config), "seed": record.config["seed"],
             "n_val": len(val_y), "n_test": len(test_y),
             "threshold": calibrated["unknown_threshold"], "bound": calibrated["unknown_error_bound"],
             "answered_share": guaranteed["test_answered_share"], "answered_error": guaranteed["test_answered_error"],
@@ -59,7 +59,7 @@ def answers(records: list[dict], target_error: float, delta: float, coverage: fl
     by configuration and seed."""
     from .study import unique_records
 
-    kept = [r for r in unique_records(records) if r.get("status") == "ok" and r["metrics"].get("predictions")]
+    kept = [r for r in unique_records(records) if r.status == "ok" and r.metrics.get("predictions")]
     rows = [record_answers(r, target_error, delta, coverage) for r in kept]
     return sorted(rows, key=lambda row: (row["configuration"], row["seed"]))
 
