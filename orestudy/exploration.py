@@ -1,25 +1,22 @@
-"""Exploratory data analysis of an ore image folder (the paper's section III, Fig. 1-4).
+"""Exploratory data analysis of an ore image folder (the paper's section III, Fig. 1-4): the library of
+`python -m orestudy.eda`.
 
-    python -m orestudy.eda --data ../shared/data/minerals --output runs/eda
-
-Writes to the output folder, and logs as one MLflow run (experiment "orestudy-eda"):
-class_counts.png (images per class, imbalance ratio), samples.png (one random photo per class),
-sizes.png (width vs height by class, file formats and modes), rgb_histograms.png (each class's RGB
-histogram), unreadable.csv, near_duplicates.csv, stats.json and summary.md, which ties them together.
+run_eda writes to the output folder: class_counts.png (images per class, imbalance ratio), samples.png
+(one random photo per class), sizes.png (width vs height by class, file formats and modes),
+rgb_histograms.png (each class's RGB histogram), unreadable.csv, near_duplicates.csv, stats.json and
+summary.md, which ties them together.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from . import config, data, tracking
+from . import data
 from .reports import plt  # matplotlib with the Agg backend: files only
 
 CHANNELS = ("red", "green", "blue")
@@ -282,38 +279,3 @@ def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, prog
     (output / "stats.json").write_text(json.dumps(stats, indent=1))
     (output / "summary.md").write_text(summary_markdown(stats))
     return stats
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=config.default_data_root())
-    parser.add_argument("--output", type=Path, default=Path("runs/eda"))
-    parser.add_argument("--input-size", type=int, default=224, help="model input size the mean/std are taken at")
-    parser.add_argument("--seed", type=int, default=0, help="which photo of each class is shown")
-    parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--runs", default="runs",
-                        help="folder whose mlflow.db the report is logged to, unless MLFLOW_TRACKING_URI is set")
-    parser.add_argument("--experiment", default="orestudy-eda")
-    args = parser.parse_args(argv)
-    stats = run_eda(args.data, args.output, args.input_size, args.seed, progress=sys.stderr.isatty())
-    where = f"{args.output}/summary.md"
-    if args.mlflow:
-        metrics = {"n_images": stats["n_images"], "n_classes": len(stats["class_counts"]),
-                   "imbalance_ratio": stats["imbalance_ratio"], "n_unreadable": len(stats["unreadable"]),
-                   "n_near_duplicate_groups": len(stats["near_duplicate_groups"]),
-                   "n_cross_class_groups": stats["cross_class_groups"],
-                   **{f"mean_{c}": m for c, m in zip(CHANNELS, stats["mean"])},
-                   **{f"std_{c}": s for c, s in zip(CHANNELS, stats["std"])},
-                   **{f"images_{c}": n for c, n in stats["class_counts"].items()}}
-        params = {k: stats[k] for k in ("data", "input_size", "seed")}
-        run_id = tracking.log_folder(args.runs, args.experiment, f"eda-{Path(stats['data']).name}", params,
-                                     metrics, args.output)
-        where += f", MLflow run {run_id}"
-    print(f"{stats['n_images']} images, {len(stats['class_counts'])} classes, imbalance ratio "
-          f"{stats['imbalance_ratio']:.2f}, {len(stats['unreadable'])} unreadable, "
-          f"{len(stats['near_duplicate_groups'])} near-duplicate groups -> {where}", file=sys.stderr)
-    return stats
-
-
-if __name__ == "__main__":
-    main()

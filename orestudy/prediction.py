@@ -1,7 +1,5 @@
-"""Classify ore photos with a trained model.
-
-    python -m orestudy.predict --model runs/<run name> photo.jpg folder/ ...
-    python -m orestudy.predict --model runs:/<mlflow run id> --top-k 3 --tta --output predictions.csv folder/
+"""Prediction: a trained model's answers for image files, streamed batch by batch (the library of
+`python -m orestudy.predict`).
 
 The model is a run folder, its best.pt, or an MLflow URI (runs:/<id>, models:/<name>/<version>), whose
 best.pt is fetched. Preprocessing (input size, resize, centre crop, mean/std) comes from the checkpoint,
@@ -11,21 +9,18 @@ model would otherwise name a rock it has never seen. Unreadable files get a row 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm import tqdm
 
-from . import data, device as devices, models
+from . import data, models
 from .evaluation import infer
 
 UNKNOWN = "unknown"
@@ -176,68 +171,3 @@ def table_line(pred: Prediction, width: int) -> str:
     if pred.error:
         return f"{name:<{width}}  {'UNREADABLE':<14} {pred.error}"
     return f"{name:<{width}}  {pred.answer:<14} " + "  ".join(f"{c} {p:.3f}" for c, p in pred.top)
-
-
-def main(argv: list[str] | None = None) -> list[Prediction]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    parser.add_argument("--model", required=True, metavar="RUN_OR_CHECKPOINT",
-                        help="run folder, checkpoint file, or MLflow URI (runs:/<id>, models:/<name>/<version>)")
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--tta", action="store_true",
-                        help="average over the image and its horizontal and vertical flips (3x the compute; the "
-                             "threshold was chosen without it, so expect a few more 'unknown' answers)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output", type=Path, help="also write the predictions to this .csv or .json file")
-    parser.add_argument("--runs", default="runs",
-                        help="folder whose mlflow.db resolves MLflow URIs, unless MLFLOW_TRACKING_URI is set")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    parser.add_argument("--threads", type=int, default=0, help="0: all cores this process may use")
-    args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error("--top-k and --batch-size must be >= 1")
-    if args.output is not None and args.output.suffix not in (".csv", ".json"):
-        parser.error(f"--output must end in .csv or .json, got {args.output}")
-    if args.model.startswith(("runs:/", "models:/")):
-        from . import tracking
-
-        tracking.use_store(args.runs)
-
-    devices.set_threads(args.threads)
-    device = devices.pick_device(args.device)
-    dtype = devices.pick_precision(args.precision, device)
-    try:
-        model, meta = load_model(args.model, device, dtype)
-    except FileNotFoundError as err:
-        parser.error(str(err))
-    threshold = unknown_threshold(meta, args.model)
-    paths = list_images(args.images)
-    k = min(args.top_k, len(meta["class_names"]))
-    width = min(60, max([len(p) for p in paths] + [4]))
-
-    print(f"{'file':<{width}}  {'answer':<14} top {k} (probability)")
-    started = time.time()
-    preds = []
-    stream = predict(model, meta, paths, threshold, k, args.tta, args.batch_size, device, dtype)
-    for pred in tqdm(stream, total=len(paths), unit="image", disable=not sys.stderr.isatty()):
-        tqdm.write(table_line(pred, width))  # keeps the table and the bar apart on a terminal
-        preds.append(pred)
-    seconds = time.time() - started
-    if args.output is not None:
-        header = {"model": args.model, "classes": meta["class_names"], "input_size": meta["input_size"],
-                  "mean": meta["mean"], "std": meta["std"], "unknown_threshold": threshold,
-                  "unknown_target_error": meta["best"].get("unknown_target_error"), "tta": args.tta}
-        write_output(args.output, preds, k, header)
-    unreadable = sum(bool(p.error) for p in preds)
-    unknown = sum(p.answer == UNKNOWN for p in preds)
-    rule = f"top-1 probability < {threshold:.3f}" if threshold is not None else "no threshold stored"
-    print(f"{len(preds)} files: {len(preds) - unreadable - unknown} named, {unknown} unknown ({rule}), "
-          f"{unreadable} unreadable; "
-          f"{len(preds) / max(seconds, 1e-9):.1f} images/s" + (f" -> {args.output}" if args.output else ""),
-          file=sys.stderr)
-    return preds
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from . import cli, config
-from .config import WHERE
+from .config import WHERE, StudySettings
 from .grid import GRID, PUBLISHED, STUDY_OWNED
 
 
@@ -35,10 +35,8 @@ def field_value(text: str) -> tuple[str, object]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .study import StudySettings
-
-    p = argparse.ArgumentParser(prog="python -m orestudy.replicate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=cli.prog("replicate"), description=__doc__,
+                                formatter_class=cli.HelpFormatter)
     grid = p.add_argument_group("which trials")
     grid.add_argument("--grid", default=str(GRID), help="grid file (default: %(default)s)")
     grid.add_argument("--published", default=str(PUBLISHED), help="published numbers (default: %(default)s)")
@@ -68,12 +66,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    from . import replication, study  # Ray and torch load only when a study runs
+    from . import replication  # Ray and torch load only when a study runs
 
     selection = replication.Selection(args.grid, args.published, args.only, args.backbones, args.regimes,
                                       args.schedules, args.seeds, args.epochs, dict(args.fields))
     try:
-        return replication.replicate(selection, cli.from_args(args, study.StudySettings), args.resume,
+        return replication.replicate(selection, cli.from_args(args, StudySettings), args.resume,
                                      tuple(args.reuse), args.report_only)
     except (OSError, ValueError) as err:  # FileNotFoundError / FileExistsError: a study missing or there
         hint = {FileNotFoundError: " (--resume and --report-only need a study started with the same options)",

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import ray
@@ -24,7 +24,7 @@ import torch
 from ray import tune
 
 from . import models, tracking
-from .config import DEFAULT_CACHE, WHERE, TrainConfig, computation, default_data_root, option
+from .config import StudySettings, TrainConfig, computation
 from .training import run_experiment
 
 SKIPPED_OFFLINE = "skipped: weights unavailable offline"
@@ -32,43 +32,6 @@ UNFINISHED = "unfinished"
 STATE_FILE = "training_state.pt"  # in every epoch's checkpoint: what an interrupted trial continues from
 
 LOCAL_OBJECT_STORE_BYTES = 100 * 2**20  # trials pass files, not objects: a small store is plenty
-
-
-@dataclass
-class StudySettings:
-    """Where a study (replicate's grid, a search) lives and how its trials are run: one CLI section
-    shared by both faces (cli.add_options)."""
-    name: str = option("", "the study's name: its folder under --output and --storage-path, and its MLflow "
-                           "run (default: derived from the command)", role=WHERE)
-    output: str = option("runs", "run folders live in OUTPUT/NAME; the MLflow store in OUTPUT", role=WHERE)
-    storage_path: str = option("", "Ray Tune's results and checkpoints: a folder every node reaches, or "
-                                   "s3:// gs:// (default: OUTPUT/ray_results)", role=WHERE)
-    experiment: str = option("orestudy", "MLflow experiment", role=WHERE)
-    mlflow: bool = option(True, "log the study and its trials to MLflow", role=WHERE)
-    max_failures: int = option(2, "retries of a trial that raised, from its last finished epoch, before "
-                                  "it counts as failed", role=WHERE)
-    cpus_per_trial: int = option(0, "0: a whole (smallest) node, or its share per GPU trial", role=WHERE)
-    gpus_per_trial: float = option(0.0, "0: one GPU where nodes have GPUs; a fraction shares one", role=WHERE)
-    data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
-                             "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
-    cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps features in memory only", role=WHERE)
-    device: str = option("auto", "the trials' device: cpu, cuda; auto: CUDA where a node has it", role=WHERE)
-    address: str = option("", "a Ray cluster to join ('auto': the one running here, or host:port); "
-                              "default: start Ray in this process", role=WHERE)
-
-    def __post_init__(self):
-        # Trials run in their own working folders: every path they are given is absolute.
-        self.output = str(Path(self.output).resolve())
-        self.data = str(Path(self.data).resolve())
-        self.cache = str(Path(self.cache).resolve()) if self.cache else ""
-        if not self.storage_path:
-            self.storage_path = str(Path(self.output) / "ray_results")
-        elif "://" not in self.storage_path:
-            self.storage_path = str(Path(self.storage_path).resolve())
-
-    @property
-    def path(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
 
 
 def connect(address: str | None = None) -> bool:
