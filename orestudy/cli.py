@@ -13,11 +13,13 @@ from dataclasses import MISSING, fields
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every face's help: its description as written, every option's default after its help (but for
-    options whose help says what their absence means: required ones and those defaulting to None)."""
+    """Every face's help: its description as written, every option's default after its help, but where
+    the help says it (required options, empty defaults, whose help says what their absence means)."""
 
     def _get_help_string(self, action):  # ArgumentDefaultsHelpFormatter's one hook
-        return action.help if action.default is None or action.required else super()._get_help_string(action)
+        if action.required or action.default in (None, "", []) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def comma_list(text: str) -> list[str]:
@@ -47,7 +49,8 @@ def field_default(f):
 
 def add_options(parser, cls, exclude=(), group_titles: dict[str, str] | None = None) -> None:
     """One --option per field of the dataclass cls, typed from its default, with its help and choices;
-    fields whose metadata role has a title in group_titles go to a group of that title."""
+    fields whose metadata role has a title in group_titles go to a group of that title. The parser's
+    formatter_class=HelpFormatter shows the defaults."""
     groups = {role: parser.add_argument_group(title) for role, title in (group_titles or {}).items()}
     for f in fields(cls):
         if f.name in exclude:
@@ -56,13 +59,12 @@ def add_options(parser, cls, exclude=(), group_titles: dict[str, str] | None = N
         meta = f.metadata
         target = groups.get(meta.get("role"), parser)
         flag = "--" + f.name.replace("_", "-")
-        text = meta.get("help", "") + " (default: %(default)s)"
         if isinstance(default, bool):
-            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta.get("help", ""))
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
         else:  # choices are checked by the dataclass, whose message names the field and the choices
             choices = meta.get("choices")
             metavar = "{" + ",".join(map(str, choices)) + "}" if choices else type(default).__name__.upper()
-            target.add_argument(flag, type=type(default), default=default, metavar=metavar, help=text)
+            target.add_argument(flag, type=type(default), default=default, metavar=metavar, help=meta["help"])
 
 
 def from_args(args: argparse.Namespace, cls, **overrides):

@@ -56,14 +56,21 @@ def test_help_is_fast_and_imports_nothing_heavy(command):
              f"except SystemExit:\n    pass\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert f"usage: orestudy {command}" in out and out.strip().endswith("[]"), out[-300:]
-    seconds = []
+    seconds, bare = [], []
     for _ in range(3):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "orestudy", command, "--help"], capture_output=True, check=True)
-        seconds.append(time.perf_counter() - started)
+        seconds.append(wall([sys.executable, "-m", "orestudy", command, "--help"]))
+        bare.append(wall([sys.executable, "-c", "import argparse"]))
         if seconds[-1] < 2:
             break
-    assert min(seconds) < 2, seconds
+    # Under 2 s; on a machine so loaded that Python itself starts slowly, under 10 bare start-ups
+    # (a --help importing torch takes some 50 of them).
+    assert min(seconds) < max(2.0, 10 * min(bare)), (seconds, bare)
+
+
+def wall(argv) -> float:
+    started = time.perf_counter()
+    subprocess.run(argv, capture_output=True, check=True)
+    return time.perf_counter() - started
 
 
 def test_top_level_help_lists_every_command():
