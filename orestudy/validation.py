@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,10 +34,10 @@ def validate(source: str, root: str | Path, batch_size: int = 32, device: torch.
     """Metrics of the model at source (run folder, checkpoint or MLflow URI) on the images under
     root/<class>/; unreadable files are reported and left out."""
     root = Path(root)
+    model, meta = prediction.load_model(source, device, dtype)  # first: a wrong --model fails at once
     records, bad = data.scan_folder(root, progress)
     for b in bad:
         print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
-    model, meta = prediction.load_model(source, device, dtype)
     names, size = meta["class_names"], meta["input_size"]
     labels = labels_of(records, names, root)
 
@@ -47,7 +48,7 @@ def validate(source: str, root: str | Path, batch_size: int = 32, device: torch.
     result = evaluate(model, batches(records, labels, batch_size, inputs), device, dtype)
     return {**classification_metrics(result.labels, result.predictions, names), "loss": result.loss,
             "predictions": per_image(root.name, records, result),
-            "n_images": len(records), "unreadable_files": [{"path": b.path, "reason": b.reason} for b in bad],
+            "n_images": len(records), "unreadable_files": [asdict(b) for b in bad],
             "model": source, "data": str(root.resolve()), "input_size": size,
             "precision": str(dtype or "fp32"), "device": str(device)}
 
