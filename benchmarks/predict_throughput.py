@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from orestudy import evaluation, predict
+from orestudy import evaluation, prediction
 from orestudy.config import default_data_root
 from orestudy.device import set_threads
 
@@ -36,25 +36,25 @@ def main() -> None:
 
     threads = set_threads(args.threads)
     device = torch.device("cpu")
-    model, meta = predict.load_model(args.model, device)
-    paths = predict.list_images([args.data])
+    model, meta = prediction.load_model(args.model, device)
+    paths = prediction.list_images([args.data])
     paths = list(itertools.islice(itertools.cycle(paths), args.images or len(paths)))
     size, mean, std = meta["input_size"], meta["mean"], meta["std"]
-    list(predict.predict(model, meta, paths[:args.batch_size], None, tta=args.tta, batch_size=args.batch_size))
+    list(prediction.predict(model, meta, paths[:args.batch_size], None, tta=args.tta, batch_size=args.batch_size))
 
     started = time.perf_counter()
-    n = sum(1 for _ in predict.decoded_batches(paths, args.batch_size, size, mean, std))
+    n = sum(1 for _ in prediction.decoded_batches(paths, args.batch_size, size, mean, std))
     decode = rate(len(paths), started)
 
     x = torch.randn(args.batch_size, 3, size, size)
-    forward = predict.with_flips(model) if args.tta else model
+    forward = prediction.with_flips(model) if args.tta else model
     started = time.perf_counter()
     for _ in evaluation.infer(forward, ((x, None) for _ in range(n)), device, None):
         pass
     forward_rate = rate(n * args.batch_size, started)
 
     started = time.perf_counter()
-    preds = list(predict.predict(model, meta, paths, None, tta=args.tta, batch_size=args.batch_size))
+    preds = list(prediction.predict(model, meta, paths, None, tta=args.tta, batch_size=args.batch_size))
     end_to_end = rate(len(preds), started)
     unreadable = sum(bool(p.error) for p in preds)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import config
+from . import cli, config
 
 COLUMNS = {  # answers() key: the table's column
     "configuration": "configuration", "seed": "seed", "n_val": "n val", "n_test": "n test",
@@ -107,8 +107,7 @@ def write(folder: Path, rows: list[dict], target_error: float, delta: float, cov
 
 def main(argv: list[str] | None = None) -> list[dict]:
     defaults = config.defaults()
-    p = argparse.ArgumentParser(prog="python -m orestudy.answers", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=cli.prog("answers"), description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("records", nargs="+", help="trials.jsonl files whose records keep per-image softmax")
     p.add_argument("--output", type=Path, default=Path("runs/answers"), help="folder (default: %(default)s)")
     p.add_argument("--target-error", type=float, default=defaults["unknown_target_error"],

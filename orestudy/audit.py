@@ -18,14 +18,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config
+from . import cli, config
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m orestudy.audit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=config.default_data_root())
-    parser.add_argument("--output", type=Path, default=Path("runs/audit"))
+    parser = argparse.ArgumentParser(prog=cli.prog("audit"), description=__doc__,
+                                     formatter_class=cli.HelpFormatter)
+    parser.add_argument("--data", type=Path, default=config.default_data_root(),
+                        help="image folder with one sub-folder per class (ORESTUDY_DATA sets the default)")
+    parser.add_argument("--output", type=Path, default=Path("runs/audit"), help="folder for the audit's files")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="fold assignment seed (default: %(default)s)")
     parser.add_argument("--backbone", default="mobilenet_v2", choices=config.BACKBONES,
@@ -37,10 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top", type=int, default=36, help="flagged photos in the montage (default: %(default)s)")
     parser.add_argument("--curation", default="", metavar="FILE", help="audit the data after this curation file")
     parser.add_argument("--cache", default=str(config.DEFAULT_CACHE), help="feature cache folder; '': memory only")
-    parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True, help="log the audit as an MLflow run")
     parser.add_argument("--runs", default="runs", help="folder whose mlflow.db the audit is logged to, unless "
                                                         "MLFLOW_TRACKING_URI is set")
-    parser.add_argument("--experiment", default="orestudy-eda")
+    parser.add_argument("--experiment", default="orestudy-eda", help="MLflow experiment")
     args = parser.parse_args(argv)
     if args.folds < 2 or args.top < 1:
         parser.error("--folds must be >= 2 and --top >= 1")

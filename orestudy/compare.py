@@ -16,11 +16,10 @@ from . import cli
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m orestudy.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=cli.prog("compare"), description=__doc__,
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("records", nargs="+", help="trials.jsonl files (a replicate or search report's)")
-    p.add_argument("--output", type=Path, default=Path("runs/effects"), help="folder for the table and figure "
-                                                                             "(default: %(default)s)")
+    p.add_argument("--output", type=Path, default=Path("runs/effects"), help="folder for the table and figure")
     p.add_argument("--backbones", nargs="+", action=cli.list_option(), default=[],
                    help="keep only these backbones' records (default: all)")
     args = p.parse_args(argv)

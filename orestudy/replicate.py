@@ -26,8 +26,6 @@ def field_value(text: str) -> tuple[str, object]:
     """KEY=VALUE for a TrainConfig field, typed like the field."""
     key, _, value = text.partition("=")
     defaults = config.defaults()
-    if key == "curation":
-        raise argparse.ArgumentTypeError("set the curation with --curation FILE")
     if key not in defaults or key in STUDY_OWNED:
         raise argparse.ArgumentTypeError(
             f"{key!r} is not a TrainConfig field the study leaves free; the grid, --epochs and --seeds set "
@@ -37,9 +35,8 @@ def field_value(text: str) -> tuple[str, object]:
 
 
 def parser() -> argparse.ArgumentParser:
-
-    p = argparse.ArgumentParser(prog="python -m orestudy.replicate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=cli.prog("replicate"), description=__doc__,
+                                formatter_class=cli.HelpFormatter)
     grid = p.add_argument_group("which trials")
     grid.add_argument("--grid", default=str(GRID), help="grid file (default: %(default)s)")
     grid.add_argument("--published", default=str(PUBLISHED), help="published numbers (default: %(default)s)")
@@ -69,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    from . import replication, study  # Ray and torch load only when a study runs
+    from . import replication  # Ray and torch load only when a study runs
 
     selection = replication.Selection(args.grid, args.published, args.only, args.backbones, args.regimes,
                                       args.schedules, args.seeds, args.epochs, dict(args.fields))

@@ -14,17 +14,23 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def plot_confusion(ax, matrix, class_names: list[str], title: str) -> None:
+def plot_confusion(ax, matrix, class_names: list[str], title: str, normalize: bool = False):
+    """Counts in the cells; with normalize, coloured by each true class's share (rows sum to 1, a class
+    with no images stays blank) and the share written above the count. Returns the image, for a colour bar."""
     matrix = np.asarray(matrix)
-    ax.imshow(matrix, cmap="Blues")
+    support = matrix.sum(1, keepdims=True)
+    colours = matrix / np.maximum(support, 1) if normalize else matrix
+    image = ax.imshow(colours, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center",
-                color="white" if value > matrix.max() / 2 else "black", fontsize=8)
+        text = f"{colours[i, j]:.2f}\n{value}" if normalize and support[i, 0] else str(value)
+        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                color="white" if colours[i, j] > colours.max() / 2 else "black")
+    return image
 
 
 def confusion_figure(path: Path, matrices: dict[str, list], class_names: list[str]) -> None:
@@ -35,6 +41,35 @@ def confusion_figure(path: Path, matrices: dict[str, list], class_names: list[st
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def counts_and_shares_figure(path: Path, matrix, class_names: list[str], title: str) -> None:
+    """A confusion matrix twice: counts, and each true class's row normalised to shares (its recall on
+    the diagonal), with a colour bar, so small classes read as clearly as large ones."""
+    fig, (counts, shares) = plt.subplots(1, 2, figsize=(11, 4.8))
+    plot_confusion(counts, matrix, class_names, "counts")
+    fig.colorbar(plot_confusion(shares, matrix, class_names, "share of each true class", normalize=True),
+                 ax=shares, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def per_class_table(metrics: dict) -> str:
+    """Per-class precision, recall, F1 and support as a terminal table, closed by the macro average and
+    the accuracy: sklearn's classification_report, from metrics already computed (classification_metrics)."""
+    rows = metrics["per_class"]
+    width = max(12, *map(len, rows))
+    lines = [f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}"]
+    lines += [f"{name:<{width}} {m['precision']:>9.4f} {m['recall']:>9.4f} {m['f1']:>9.4f} {m['support']:>9d}"
+              for name, m in rows.items()]
+    total = sum(m["support"] for m in rows.values())
+    macro = {key: np.mean([m[key] for m in rows.values()]) for key in ("precision", "recall")}
+    lines += ["", f"{'macro avg':<{width}} {macro['precision']:>9.4f} {macro['recall']:>9.4f} "
+                  f"{metrics['macro_f1']:>9.4f} {total:>9d}",
+              f"{'accuracy':<{width}} {'':>9} {'':>9} {metrics['accuracy']:>9.4f} {total:>9d}"]
+    return "\n".join(lines)
 
 
 def learning_curves(path: Path, history: list[dict], test_accuracy: float | None, title: str) -> None:

@@ -34,8 +34,7 @@ def duration(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     from .search_space import available_spaces
 
-    p = argparse.ArgumentParser(prog="python -m orestudy.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=cli.prog("search"), description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("space", help=f"a search space in search_spaces/ ({', '.join(available_spaces())}) or a YAML file")
     s = p.add_argument_group("the search")
     s.add_argument("--trials", type=int, default=0, help="finished trials the search should have in all (default: "

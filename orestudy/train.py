@@ -12,8 +12,8 @@ from .config import STUDY, WHERE, TrainConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m orestudy.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=cli.prog("train"), description=__doc__,
+                                     formatter_class=cli.HelpFormatter)
     cli.add_options(parser, TrainConfig, exclude=("parent_run", "evaluate_test"),
                     group_titles={WHERE: "where the run lives and how it is watched", STUDY: "set by studies"})
     args = parser.parse_args(argv)
@@ -21,9 +21,12 @@ def main(argv: list[str] | None = None) -> dict:
         config = cli.from_args(args, TrainConfig)
     except ValueError as err:
         parser.error(str(err))
+    from . import reports
     from .training import run_experiment  # torch loads only when a run starts
 
     result = run_experiment(config)
+    if "per_class" in result:  # a run that did not evaluate the test split has none
+        print(f"test split of {result['run_dir']}:\n{reports.per_class_table(result)}")
     print(json.dumps({k: result[k] for k in ("accuracy", "macro_f1", "best_epoch", "best_val_accuracy",
                                              "fold_best_val_accuracy", "wall_seconds", "run_dir") if k in result},
                      indent=2))

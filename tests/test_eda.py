@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orestudy import eda
+from orestudy import eda, exploration
 
 FIGURES = ("class_counts.png", "samples.png", "sizes.png", "rgb_histograms.png", "near_duplicates.png")
 
@@ -53,11 +53,11 @@ def test_histograms_are_per_image_distributions(eda_folder):
     from orestudy import data
 
     records, _ = data.scan_folder(eda_folder)
-    hists = eda.rgb_histograms(records, 32)
+    hists = exploration.rgb_histograms(records, 32)
     assert set(hists) == {"azurite", "malachite", "pyrite"}
     for h in hists.values():
-        assert h.shape == (3, eda.BINS) and np.allclose(h.sum(1), 1)
-    centres = np.arange(eda.BINS)
+        assert h.shape == (3, exploration.BINS) and np.allclose(h.sum(1), 1)
+    centres = np.arange(exploration.BINS)
     blue, green = (hists["azurite"][2] * centres).sum(), (hists["azurite"][1] * centres).sum()
     assert blue > green  # azurite was generated blue
 

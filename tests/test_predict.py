@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from orestudy import config, data, evaluation, features, models, predict, training
+from orestudy import config, data, evaluation, features, models, predict, prediction, training
 from conftest import COLOURS, png_folder
 
 
@@ -54,9 +54,9 @@ def test_rows_for_every_file_in_the_table_csv_and_json(trained, tmp_path, capsys
     assert len(preds) == 32
     good, bad = preds[:30], preds[30:]
     for p in good:
-        assert p.answer in meta["class_names"] + [predict.UNKNOWN] and not p.error
+        assert p.answer in meta["class_names"] + [prediction.UNKNOWN] and not p.error
         assert len(p.top) == 2 and p.top[0][1] >= p.top[1][1] and p.top[0][1] == p.confidence
-        assert (p.answer == predict.UNKNOWN) == (p.confidence < meta["best"]["unknown_threshold"])
+        assert (p.answer == prediction.UNKNOWN) == (p.confidence < meta["best"]["unknown_threshold"])
     assert [p.path for p in bad] == inputs[1:]
     assert "OSError" in bad[0].error and "FileNotFoundError" in bad[1].error
     assert all(p.answer == "" and p.top == [] for p in bad)
@@ -88,8 +88,8 @@ def test_probabilities_are_those_of_validation(trained):
     loader = evaluation.batches([(r, "identity") for r in records], [0] * len(records), 8,
                               lambda smp: features.normalized_batch(smp, size, 0, 0.0, mean, std))
     expected = evaluation.evaluate(model, loader, torch.device("cpu"), None).probabilities
-    ready, _ = predict.load_model(str(run_dir))
-    preds = predict.predict(ready, meta, [r.path for r in records], threshold=None, top_k=3, batch_size=7)
+    ready, _ = prediction.load_model(str(run_dir))
+    preds = prediction.predict(ready, meta, [r.path for r in records], threshold=None, top_k=3, batch_size=7)
     got = np.array([[dict(p.top)[c] for c in meta["class_names"]] for p in preds])
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -99,14 +99,14 @@ def test_noise_is_unknown_when_the_stored_threshold_says_so(trained, noise, tmp_
     _, meta = models.load_checkpoint(run_dir / "best.pt")
     threshold = meta["best"]["unknown_threshold"]  # chosen on validation by training
     (plain,) = predict.main(["--model", str(run_dir), str(noise)])
-    assert plain.confidence < threshold and plain.answer == predict.UNKNOWN
+    assert plain.confidence < threshold and plain.answer == prediction.UNKNOWN
     # The stored threshold decides: just above the noise's confidence it is rejected, below it named.
     above = with_threshold(run_dir, tmp_path, plain.confidence + 1e-4)
     below = with_threshold(run_dir, tmp_path, plain.confidence - 1e-4)
     image = str(next((folder / "malachite").iterdir()))
     rejected, photo = predict.main(["--model", str(above), str(noise), image])
-    assert rejected.answer == predict.UNKNOWN and rejected.confidence == pytest.approx(plain.confidence, abs=1e-5)
-    assert (photo.answer == predict.UNKNOWN) == (photo.confidence < plain.confidence + 1e-4)
+    assert rejected.answer == prediction.UNKNOWN and rejected.confidence == pytest.approx(plain.confidence, abs=1e-5)
+    assert (photo.answer == prediction.UNKNOWN) == (photo.confidence < plain.confidence + 1e-4)
     (named,) = predict.main(["--model", str(below), str(noise)])
     assert named.answer == plain.top[0][0]
 
@@ -124,10 +124,10 @@ def test_tta_averages_the_image_and_its_flips(trained, tmp_path):
     model, meta = models.load_checkpoint(run_dir / "best.pt")
     paths = [str(p) for p in sorted((folder / "pyrite").iterdir())[:3]]
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    ready, _ = predict.load_model(str(run_dir))
-    preds = list(predict.predict(ready, meta, paths + [str(tmp_path / "bad.png")], threshold=None, top_k=3,
+    ready, _ = prediction.load_model(str(run_dir))
+    preds = list(prediction.predict(ready, meta, paths + [str(tmp_path / "bad.png")], threshold=None, top_k=3,
                                  tta=True, batch_size=3))
-    x = data.normalize(torch.stack([predict.eval_input(p, meta["input_size"]) for p in paths]), meta["mean"], meta["std"])
+    x = data.normalize(torch.stack([prediction.eval_input(p, meta["input_size"]) for p in paths]), meta["mean"], meta["std"])
     with torch.no_grad():
         expected = torch.stack([model(v).softmax(1) for v in (x, x.flip(-1), x.flip(-2))]).mean(0)
     got = np.array([[dict(p.top)[c] for c in meta["class_names"]] for p in preds[:3]])
