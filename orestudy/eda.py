@@ -295,7 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="folder whose mlflow.db the report is logged to, unless MLFLOW_TRACKING_URI is set")
     parser.add_argument("--experiment", default="orestudy-eda")
     args = parser.parse_args(argv)
-    stats = run_eda(args.data, args.output, args.input_size, args.seed, progress=sys.stderr.isatty())
+    try:
+        stats = run_eda(args.data, args.output, args.input_size, args.seed, progress=sys.stderr.isatty())
+    except data.DataError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     where = f"{args.output}/summary.md"
     if args.mlflow:
         metrics = {"n_images": stats["n_images"], "n_classes": len(stats["class_counts"]),

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,9 +49,27 @@ class FeatureCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "key.json").write_text(json.dumps(backbone_key, indent=1, sort_keys=True))
         self.memory: dict[tuple[str, str], torch.Tensor] = {}
+        self.rejected, self.warned = 0, False  # stored entries not trusted, and whether that was said
 
     def _file(self, sha: str, view: str) -> Path:
         return self.dir / sha[:2] / f"{sha}_{view}.pt"
+
+    def _load(self, sha: str, view: str) -> torch.Tensor | None:
+        """The stored features of (image content, view), or None when absent or not trustworthy: an
+        entry names the image content and view it was made from, and a file holding another's (copied,
+        renamed, written by an older version) or damaged is recomputed, never used."""
+        path = self._file(sha, view)
+        if not path.exists():
+            return None
+        try:
+            entry = torch.load(path, weights_only=True)
+            if isinstance(entry, dict) and entry.get("sha256") == sha and entry.get("view") == view:
+                return entry["features"]
+        except Exception:  # torch.load raises many types for a damaged file; each means "recompute"
+            pass
+        self.rejected += 1
+        path.unlink(missing_ok=True)
+        return None
 
     def fill(self, samples, compute, progress: bool = False) -> int:
         """Make sure every sample's features are at hand; compute(list of samples) -> (B, C, H, W) for
@@ -60,14 +79,15 @@ class FeatureCache:
             key = (rec.sha256, view)
             if key in self.memory:
                 continue
-            path = self._file(rec.sha256, view) if self.dir else None
-            if path is not None and path.exists():
-                try:
-                    self.memory[key] = torch.load(path, weights_only=True)
-                    continue
-                except Exception:  # a damaged cache file is recomputed, never trusted
-                    path.unlink(missing_ok=True)
-            missing.append((rec, view))
+            feats = self._load(rec.sha256, view) if self.dir else None
+            if feats is not None:
+                self.memory[key] = feats
+            else:
+                missing.append((rec, view))
+        if self.rejected and not self.warned:
+            self.warned = True
+            print(f"warning: {self.rejected} cached feature files in {self.dir} were damaged or did not hold the "
+                  f"image and view their names say; recomputing them", file=sys.stderr, flush=True)
         unique = list({(r.sha256, v): (r, v) for r, v in missing}.values())
         for start in tqdm(range(0, len(unique), 64), desc="frozen features", unit="batch", leave=False,
                           disable=not progress or not unique):
@@ -76,15 +96,19 @@ class FeatureCache:
                 feats = feats.to(torch.float16).contiguous()
                 self.memory[(rec.sha256, view)] = feats
                 if self.dir:
-                    self._save(self._file(rec.sha256, view), feats)
+                    self._save(self._file(rec.sha256, view), {"sha256": rec.sha256, "view": view,
+                                                              "features": feats.clone()})
         return len(unique)
 
-    def _save(self, path: Path, tensor: torch.Tensor) -> None:
+    def _save(self, path: Path, entry: dict) -> None:
         path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
-        torch.save(tensor.clone(), tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+        try:
+            torch.save(entry, tmp)
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def batch(self, samples) -> torch.Tensor:
         return torch.stack([self.memory[(rec.sha256, view)] for rec, view in samples]).float()

@@ -650,6 +650,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="0: one GPU where nodes have them")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a trial that raised")
     args = parser.parse_args(argv)
+    if not Path(args.data).is_dir():
+        parser.error(f"data folder not found: {args.data} (--data or ORESTUDY_DATA)")
     try:
         space = load_space(args.space)
     except SearchSpaceError as err:
