@@ -178,20 +178,27 @@ def test_scan_cache_sees_new_bytes_behind_an_old_size_and_time(tmp_path):
     assert changed == {str(target)}
 
 
-def test_feature_file_of_another_image_is_not_used(tmp_path, capsys):
-    recs = [ImageRecord(f"{i}.png", "a", f"{i:02d}" * 32, "0" * 16, 4, 4, "PNG", "RGB") for i in range(3)]
+def test_feature_cache_shards_shared_by_concurrent_caches_and_damage_recomputed(tmp_path, capsys):
+    recs = [ImageRecord(f"{i}.png", "a", f"{i:02d}" * 32, "0" * 16, 4, 4, "PNG", "RGB") for i in range(4)]
     samples = [(r, "identity") for r in recs]
 
     def compute(chunk):
         return torch.stack([torch.full((2,), float(int(r.sha256[:2]))) for r, _ in chunk])
 
-    assert FeatureCache(tmp_path, {"k": 1}).fill(samples, compute) == 3
-    cache = FeatureCache(tmp_path, {"k": 1})
-    shutil.copy(cache._file(recs[0].sha256, "identity"), cache._file(recs[1].sha256, "identity"))
-    cache._file(recs[2].sha256, "identity").write_bytes(b"garbage")
-    assert cache.fill(samples, compute) == 2
-    assert "2 cached feature files" in capsys.readouterr().err
-    assert cache.batch(samples)[:, 0].tolist() == [0.0, 1.0, 2.0]
+    one, two = FeatureCache(tmp_path, {"k": 1}), FeatureCache(tmp_path, {"k": 1})  # two trials at once
+    assert one.fill(samples[:3], compute) == 3
+    assert two.fill(samples[2:], compute) == 1  # sample 2 from the first trial's shard
+    shards = sorted(one.dir.glob("shard-*.pt"))
+    assert len(shards) == 2 and not list(one.dir.glob("*.tmp"))
+    fresh = FeatureCache(tmp_path, {"k": 1})
+    assert fresh.fill(samples, compute) == 0
+    assert fresh.batch(samples)[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]  # each found by its own hash and view
+    (first,) = one.seen  # the first trial's shard: samples 0-2
+    (one.dir / first).write_bytes(b"garbage")
+    again = FeatureCache(tmp_path, {"k": 1})
+    assert again.fill(samples, compute) == 3
+    assert first in capsys.readouterr().err
+    assert again.batch(samples)[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
     assert FeatureCache(tmp_path, {"k": 1}).fill(samples, compute) == 0  # rewritten whole
 
 
