@@ -98,8 +98,16 @@ class TrainConfig:
                 raise ValueError(f"unknown {f.name} {getattr(self, f.name)!r}; expected one of {sorted(choices)}")
         if self.epochs < 1 or self.freeze_epochs < 0 or self.freeze_depth < 0 or self.batch_size < 1 or self.reduction < 1:
             raise ValueError("epochs and batch_size must be >= 1, freeze_epochs and freeze_depth >= 0, reduction >= 1")
-        if not 0.0 <= self.aug_strength <= 1.0:
-            raise ValueError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
+        for name, ok, want in (
+                ("aug_strength", 0.0 <= self.aug_strength <= 1.0, "in [0, 1]"),
+                ("lr", 0.0 < self.lr < float("inf"), "a positive number"),
+                ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+                ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),  # numpy's and scikit-learn's seed range
+                ("image_size", self.image_size == 0 or self.image_size >= 32, "0 (the backbone's own) or >= 32"),
+                ("threads", self.threads >= 0, ">= 0 (0: all cores)"),
+                ("aug_bank", self.aug_bank >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
         if self.folds < 1 or not -1 <= self.fold < self.folds:
             raise ValueError(f"folds must be >= 1 and fold in -1 .. folds-1, got folds {self.folds}, fold {self.fold}")
         for name in ("unknown_target_error", "unknown_delta", "set_coverage"):

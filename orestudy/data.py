@@ -11,7 +11,9 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
+import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from sklearn.model_selection import StratifiedGroupKFold
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -47,73 +49,173 @@ class BadFile:
     reason: str
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float grey images scaled to 8 bits by the range of their mode: PIL's own conversion
+    clips them at 255, which turns a 16-bit PNG almost all white. 'I' is taken as 16-bit (how PIL
+    opens 16-bit PNG and TIFF grey), 'F' as [0, 1]; values outside are clipped."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        return Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+    if img.mode == "F":
+        return Image.fromarray(np.round(np.clip(np.asarray(img), 0.0, 1.0) * 255).astype(np.uint8))
+    return img
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open any image PIL can read (whatever the file name) as RGB; alpha is composited on white."""
+    """Open any image PIL can read (whatever the file name) as RGB, the way a viewer shows it: turned
+    by its EXIF orientation, 16-bit and float scaled to 8 bits, alpha composited on white. Training,
+    the EDA and prediction all decode through here."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = to_8bit(ImageOps.exif_transpose(img))
+        if img.mode in ("RGBA", "RGBa", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, img).convert("RGB")
         return img.convert("RGB")
 
 
+class DataError(ValueError):
+    """The data set cannot be used as it is (missing, empty, a class too small to split): faces print
+    its one line, without a traceback."""
+
+
+class MissingDataFolder(DataError, FileNotFoundError):
+    """Still a FileNotFoundError, as callers have caught it."""
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def read_cache(path: Path | None, valid=lambda value: True):
+    """A JSON cache file's content, or None when absent; a damaged one (truncated, garbage, or not what
+    valid accepts) is reported and treated as absent, so it is rebuilt rather than blocking every run."""
+    if path is None or not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+        if valid(value):
+            return value
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+        pass
+    warn(f"ignoring the damaged cache file {path}; it is rebuilt")
+    return None
+
+
+def file_stamp(path: Path) -> list[int]:
+    """What tells a scanned file unchanged without reading it. Size and modification time alone miss a
+    rewrite that keeps both (a tool or a user can set mtime back with touch or os.utime); the inode
+    change time cannot be set by a user and moves on every write, and the inode number on a replace."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def read_record(path: Path, label: str) -> ImageRecord:
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as probe:
+        fmt, mode = probe.format or "?", probe.mode
+    img = load_rgb(io.BytesIO(data))
+    return ImageRecord(path=str(path), label=label, sha256=hashlib.sha256(data).hexdigest(),
+                       phash=str(imagehash.phash(img)), width=img.width, height=img.height, format=fmt, mode=mode)
+
+
+SCAN_KEYS = {*ImageRecord.__dataclass_fields__, "stamp"}  # what a scan cache entry holds
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The class sub-folders of root; files beside them belong to no class and are reported."""
+    if not root.is_dir():
+        raise MissingDataFolder(f"data folder not found: {root} (set --data or ORESTUDY_DATA)")
+    entries = [e for e in root.iterdir() if not e.name.startswith(".")]
+    loose = sum(e.is_file() for e in entries)
+    if loose:
+        warn(f"{loose} files directly in {root} belong to no class and are left out "
+             f"(expected {root}/<class>/<images>)")
+    class_dirs = sorted(e for e in entries if e.is_dir())
+    if not class_dirs:
+        raise DataError(f"{root} has no class sub-folders; expected {root}/<class>/<images>")
+    return class_dirs
+
+
 def scan_folder(root: str | Path, progress: bool = False,
                 cache_file: Path | None = None) -> tuple[list[ImageRecord], list[BadFile]]:
     """Every readable image under root/<class>/, plus the files that could not be read and why.
-    With cache_file, files whose size and modification time are unchanged are not decoded again."""
+    With cache_file, files whose stamp (file_stamp) is unchanged are not decoded again."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root} (set --data or ORESTUDY_DATA)")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise ValueError(f"{root} has no class sub-folders; expected {root}/<class>/<images>")
+    class_dirs = class_folders(root)
     records, bad = [], []
     files = [(d, p) for d in class_dirs for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    known = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
+    known = read_cache(cache_file, lambda v: all(e.keys() == SCAN_KEYS for e in v.values())) or {}
     stamps = {}
     for class_dir, path in tqdm(files, desc=f"reading {root.name}", unit="image", disable=not progress):
-        stat = path.stat()
-        stamps[str(path)] = stamp = [stat.st_size, stat.st_mtime_ns]
+        stamps[str(path)] = stamp = file_stamp(path)
         cached = known.get(str(path))
         if cached and cached["stamp"] == stamp and cached["label"] == class_dir.name:
             records.append(ImageRecord(**{k: v for k, v in cached.items() if k != "stamp"}))
             continue
         try:
-            data = path.read_bytes()
-            with Image.open(io.BytesIO(data)) as probe:
-                fmt, mode = probe.format or "?", probe.mode
-            img = load_rgb(io.BytesIO(data))
+            records.append(read_record(path, class_dir.name))
         except Exception as err:  # PIL raises many types for bad files; each is reported, not fatal
             bad.append(BadFile(str(path), f"{type(err).__name__}: {err}"))
-            continue
-        records.append(ImageRecord(
-            path=str(path), label=class_dir.name, sha256=hashlib.sha256(data).hexdigest(),
-            phash=str(imagehash.phash(img)), width=img.width, height=img.height, format=fmt, mode=mode))
     if not records:
-        raise ValueError(f"no readable images under {root}")
+        raise DataError(f"no readable images under {root}")
+    empty = sorted({d.name for d in class_dirs} - {r.label for r in records})
+    if empty:
+        warn(f"class folders with no readable image are left out: {', '.join(empty)}")
     if cache_file:
         write_json_atomic(cache_file, {r.path: {**asdict(r), "stamp": stamps[r.path]} for r in records})
     return records, bad
 
 
-def write_json_atomic(path: Path, value) -> None:
-    """JSON written whole or not at all: processes sharing a cache folder never read half a file."""
+def replace_atomic(path: Path, write) -> None:
+    """write(tmp) then rename onto path: a file whole or not at all, so processes sharing a folder never
+    read half a file; a failed write leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def near_duplicate_groups(records: list[ImageRecord], max_distance: int = 6) -> np.ndarray:
-    """Group id per record: images whose perceptual hashes differ in <= max_distance bits (or whose
-    bytes are identical) share a group, transitively, so a group can be kept inside one split."""
-    bits = np.array([imagehash.hex_to_hash(r.phash).hash.flatten() for r in records], dtype=np.uint8)
-    distance = (bits[:, None, :] != bits[None, :, :]).sum(-1)
-    same = distance <= max_distance
-    sha = np.array([r.sha256 for r in records])
-    same |= sha[:, None] == sha[None, :]
-    parent = np.arange(len(records))
+def write_json_atomic(path: Path, value) -> None:
+    replace_atomic(path, lambda tmp: tmp.write_text(json.dumps(value)))
+
+
+def hamming_neighbours(hashes: np.ndarray, rows: np.ndarray, max_distance: int, blocks) -> np.ndarray:
+    """Sorted unique i * n + j for every pair i in rows, j > i, within max_distance bits of each other.
+    Pigeonhole: max_distance + 1 disjoint bit blocks, so such a pair is equal on at least one block;
+    with the records sorted by (block value, index), a row's candidates are the rest of its run."""
+    n, found = len(hashes), []
+    for order, position, end in blocks:
+        starts = position[rows] + 1
+        lengths = end[rows] - starts
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths - starts, lengths)
+        i, j = np.repeat(rows, lengths), order[offsets]  # j > i: a run is sorted by index
+        keep = np.bitwise_count(hashes[i] ^ hashes[j]) <= max_distance
+        found.append(i[keep] * n + j[keep])
+    return np.unique(np.concatenate(found))
+
+
+def near_duplicate_groups(records: list[ImageRecord], max_distance: int = 6, chunk: int = 1 << 20) -> np.ndarray:
+    """Group id per record: images whose 64-bit perceptual hashes differ in <= max_distance bits share a
+    group, transitively, so a group can be kept inside one split (identical bytes have identical
+    hashes). Multi-index hashing keeps memory linear in the number of images (comparing all pairs
+    took 69 bytes x n^2). The ids are the union-find roots of the pairs taken in (i, j) order, as the
+    all-pairs version made them: split manifests and splits stay the same."""
+    n = len(records)
+    hashes = np.array([int(r.phash, 16) for r in records], dtype=np.uint64)
+    width = -(-64 // (max_distance + 1))
+    blocks = []  # per block: the records sorted by (block value, index), each one's place, its run's end
+    for shift in range(0, 64, width):
+        key = (hashes >> np.uint64(shift)) & np.uint64((1 << min(width, 64 - shift)) - 1)
+        order = np.lexsort((np.arange(n), key))
+        position = np.empty(n, dtype=np.int64)
+        position[order] = np.arange(n)
+        run_end = np.searchsorted(key[order], key[order], side="right")
+        blocks.append((order, position, run_end[position]))
+    parent = np.arange(n)
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -121,9 +223,16 @@ def near_duplicate_groups(records: list[ImageRecord], max_distance: int = 6) -> 
             i = parent[i]
         return i
 
-    for i, j in zip(*np.nonzero(np.triu(same, 1))):
-        parent[find(i)] = find(j)
-    return np.array([find(i) for i in range(len(records))])
+    # Rows in slices of about `chunk` candidate pairs, so pairs are found and joined in (i, j) order.
+    candidates = np.cumsum(sum(end - position - 1 for _, position, end in blocks))
+    start = 0
+    while start < n:
+        stop = max(start + 1, int(np.searchsorted(candidates, (candidates[start - 1] if start else 0) + chunk)))
+        for pair in hamming_neighbours(hashes, np.arange(start, min(stop, n)), max_distance, blocks).tolist():
+            i, j = divmod(pair, n)
+            parent[find(i)] = find(j)
+        start = stop
+    return np.array([find(i) for i in range(n)])
 
 
 def make_split(records: list[ImageRecord], seed: int, fractions=(0.6, 0.2, 0.2)) -> list[str]:
@@ -141,45 +250,65 @@ def make_split(records: list[ImageRecord], seed: int, fractions=(0.6, 0.2, 0.2))
         _, held = next(folds.split(remaining, labels[remaining], groups[remaining]))
         split[remaining[held]] = name
         remaining = np.delete(remaining, held)
+    check_stratified(labels, groups, split)
     return split.tolist()
+
+
+def check_stratified(labels: np.ndarray, groups: np.ndarray, split: np.ndarray) -> None:
+    """Refuses a split in which a class is missing from train, validation or test: its test metrics
+    would be empty while macro-F1 still averages over it. A class needs at least three near-duplicate
+    groups; with five or more the stratified folds give it a share of each split."""
+    for label in sorted(set(labels)):
+        mine = labels == label
+        empty = [s for s in SPLITS if not (split[mine] == s).any()]
+        if empty:
+            raise DataError(
+                f"class {str(label)!r} has {int(mine.sum())} images in {len(set(groups[mine]))} near-duplicate groups, too "
+                f"few for a stratified train/val/test split (none in {' and '.join(empty)}); add photos of it "
+                f"or move its folder out of the data set")
+
+
+# File names are bytes on POSIX; Python holds undecodable ones as surrogate escapes, which this
+# encoding writes back as the original bytes (a valid UTF-8 name is written as before).
+MANIFEST_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
 def write_manifest(path: Path, records: list[ImageRecord], split: list[str], root: Path,
                    curation: Curation | None = None) -> None:
     """One row per image: path, content hash, label, split, near-duplicate group; a curated data set's
     manifest has the same split, the new labels, and each image's curation action and the curation's hash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     groups = near_duplicate_groups(records)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "sha256", "label", "split", "group"] + (["action", "curation"] if curation else []))
-        for rec, part, group in zip(records, split, groups):
-            row = [os.path.relpath(rec.path, root), rec.sha256, rec.label, part, int(group)]
-            if curation:
-                action, label = curation.actions.get(rec.path, ("", ""))
-                row[2] = label or rec.label
-                row += [action, curation.sha256]
-            writer.writerow(row)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", **MANIFEST_ENCODING) as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "sha256", "label", "split", "group"] + (["action", "curation"] if curation else []))
+            for rec, part, group in zip(records, split, groups):
+                row = [os.path.relpath(rec.path, root), rec.sha256, rec.label, part, int(group)]
+                if curation:
+                    action, label = curation.actions.get(rec.path, ("", ""))
+                    row[2] = label or rec.label
+                    row += [action, curation.sha256]
+                writer.writerow(row)
+    replace_atomic(path, write)
 
 
 def read_manifest(path: Path, records: list[ImageRecord], root: Path, curation: Curation | None = None) -> list[str]:
     """Split per record from a saved manifest; refuses a manifest that no longer matches the data, or
     that was made with another curation (or none) than this run's."""
-    with path.open() as f:
+    with path.open(newline="", **MANIFEST_ENCODING) as f:
         table = list(csv.DictReader(f))
     made_with = {row.get("curation") or "" for row in table}
     wanted = curation.sha256 if curation else ""
     if made_with - {wanted}:
         made = ", ".join(sorted(f"curation {c}" if c else "no curation" for c in made_with))
-        raise ValueError(f"split manifest {path} was made with {made}, but this run has "
-                         f"{f'curation {wanted} ({curation.file})' if curation else 'no curation'}")
+        raise DataError(f"split manifest {path} was made with {made}, but this run has "
+                        f"{f'curation {wanted} ({curation.file})' if curation else 'no curation'}")
     rows = {(row["path"], row["sha256"]): row["split"] for row in table}
     keys = [(os.path.relpath(r.path, root), r.sha256) for r in records]
     missing = [k[0] for k in keys if k not in rows]
     if missing or len(rows) != len(keys):
-        raise ValueError(
+        raise DataError(
             f"split manifest {path} does not match the data in {root} ({len(missing)} images not in it, "
             f"{len(rows)} rows for {len(keys)} images); delete it to make a new split")
     return [rows[k] for k in keys]
@@ -442,11 +571,19 @@ def train_channel_stats(records, input_size: int, cache: str) -> tuple[list[floa
     if not cache:
         return channel_stats(records, input_size)
     path = Path(cache) / "stats" / f"{dataset_fingerprint(records)}-{input_size}.json"
-    if path.exists():
-        return tuple(json.loads(path.read_text()))
+    stats = read_cache(path, usable_stats)
+    if stats is not None:
+        return tuple(stats)
     stats = channel_stats(records, input_size)
     write_json_atomic(path, stats)
     return stats
+
+
+def usable_stats(stats) -> bool:
+    """Three finite means and three finite, positive standard deviations (a zero one divides by zero)."""
+    mean, std = stats
+    return (len(mean) == len(std) == 3 and all(math.isfinite(m) for m in mean)
+            and all(math.isfinite(v) and v > 0 for v in std))
 
 
 def dataset_fingerprint(records) -> str:

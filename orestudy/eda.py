@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         stats = run_eda(args.data, args.output, args.input_size, args.seed, sys.stderr.isatty(), args.audit,
                         args.curation, args.cache)
-    except (OSError, ValueError) as err:
-        parser.exit(2, f"error: {err}\n")
+    except (OSError, ValueError) as err:  # data.DataError among them: one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     where = f"{args.output}/summary.md"
     if args.mlflow:
         metrics = {"n_images": stats["n_images"], "n_classes": len(stats["class_counts"]),

@@ -2,8 +2,8 @@
 
 A sample is (image record, view name). Views are fixed per (image content, view, seed), so a frozen
 backbone's feature map for a sample never changes: it is computed once, kept in memory, and written
-to an on-disk cache that trials on the same machine share (atomic writes, so concurrent trials never
-read a half-written file). `FrozenRoute` decides, per depth, whether a batch goes through the cache
+to an on-disk cache of a few shard files per key that trials share (atomic writes, so concurrent
+trials never read a half-written file). `FrozenRoute` decides, per depth, whether a batch goes through the cache
 or through the whole model; both compute the same outputs (tests check it).
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,7 +40,11 @@ def image_batch(samples, input_size: int, seed: int, strength: float) -> torch.T
 
 
 class FeatureCache:
-    """Backbone feature maps per (backbone identity, image content, view), in memory and on disk."""
+    """Backbone feature maps per (backbone identity, image content, view), in memory and on disk. On disk
+    a key's features are a few shards, each written whole by the fill that computed it (a new name, then
+    a rename), so concurrent trials never clash or read half a file, and a shared file system holds a
+    handful of files per key rather than one per sample and view. Every stored entry carries the image
+    content hash and view it was made from, and is found by them alone."""
 
     def __init__(self, root: Path | None, backbone_key: dict):
         self.key = hashlib.sha256(json.dumps(backbone_key, sort_keys=True).encode()).hexdigest()[:16]
@@ -48,43 +53,53 @@ class FeatureCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "key.json").write_text(json.dumps(backbone_key, indent=1, sort_keys=True))
         self.memory: dict[tuple[str, str], torch.Tensor] = {}
+        self.seen: set[str] = set()  # shards already read
 
-    def _file(self, sha: str, view: str) -> Path:
-        return self.dir / sha[:2] / f"{sha}_{view}.pt"
+    def _read_shards(self) -> None:
+        """Entries of the shards written since the last look, by this process or a concurrent one; a
+        damaged shard is reported and removed (what it held is recomputed into a new one)."""
+        for path in sorted(self.dir.glob("shard-*.pt")):
+            if path.name in self.seen:
+                continue
+            self.seen.add(path.name)
+            try:
+                shard = torch.load(path, weights_only=True)
+                entries = list(zip(shard["sha256"], shard["view"], shard["features"], strict=True))
+            except Exception:  # torch.load raises many types for a damaged file; each means "recompute"
+                print(f"warning: ignoring the damaged feature cache shard {path}; its entries are recomputed",
+                      file=sys.stderr, flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            for sha, view, feats in entries:
+                self.memory.setdefault((sha, view), feats)
 
     def fill(self, samples, compute, progress: bool = False) -> int:
         """Make sure every sample's features are at hand; compute(list of samples) -> (B, C, H, W) for
         the missing ones. Returns how many were computed (not found in memory or on disk)."""
-        missing = []
-        for rec, view in samples:
-            key = (rec.sha256, view)
-            if key in self.memory:
-                continue
-            path = self._file(rec.sha256, view) if self.dir else None
-            if path is not None and path.exists():
-                try:
-                    self.memory[key] = torch.load(path, weights_only=True)
-                    continue
-                except Exception:  # a damaged cache file is recomputed, never trusted
-                    path.unlink(missing_ok=True)
-            missing.append((rec, view))
-        unique = list({(r.sha256, v): (r, v) for r, v in missing}.values())
+        if self.dir and any((rec.sha256, view) not in self.memory for rec, view in samples):
+            self._read_shards()
+        missing = {(r.sha256, v): (r, v) for r, v in samples if (r.sha256, v) not in self.memory}
+        unique = list(missing.values())
         for start in tqdm(range(0, len(unique), 64), desc="frozen features", unit="batch", leave=False,
                           disable=not progress or not unique):
             chunk = unique[start:start + 64]
             for (rec, view), feats in zip(chunk, compute(chunk)):
-                feats = feats.to(torch.float16).contiguous()
-                self.memory[(rec.sha256, view)] = feats
-                if self.dir:
-                    self._save(self._file(rec.sha256, view), feats)
+                self.memory[(rec.sha256, view)] = feats.to(torch.float16).contiguous()
+        if self.dir and unique:
+            self._write_shard(list(missing))
         return len(unique)
 
-    def _save(self, path: Path, tensor: torch.Tensor) -> None:
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    def _write_shard(self, keys: list[tuple[str, str]]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         os.close(fd)
-        torch.save(tensor.clone(), tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+        name = f"shard-{Path(tmp).stem}.pt"
+        try:
+            torch.save({"sha256": [sha for sha, _ in keys], "view": [view for _, view in keys],
+                        "features": [self.memory[k].clone() for k in keys]}, tmp)
+            os.replace(tmp, self.dir / name)  # atomic: a concurrent reader sees no shard or the whole shard
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self.seen.add(name)
 
     def batch(self, samples) -> torch.Tensor:
         return torch.stack([self.memory[(rec.sha256, view)] for rec, view in samples]).float()

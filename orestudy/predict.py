@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> list:
     from tqdm import tqdm
 
     from . import device as devices
-    from .prediction import (calibration_scores, list_images, load_model, predict, summary_line, table_line,
-                             unknown_threshold, write_output)
+    from .prediction import (CheckpointError, calibration_scores, list_images, load_model, predict, summary_line,
+                             table_line, unknown_threshold, write_output)
 
     if args.model.startswith(("runs:/", "models:/")):
         from . import tracking
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list:
     dtype = devices.pick_precision(args.precision, device)
     try:
         model, meta = load_model(args.model, device, dtype)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointError) as err:
         parser.error(str(err))
     threshold = unknown_threshold(meta, args.model)
     try:

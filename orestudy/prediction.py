@@ -33,6 +33,10 @@ class Prediction:
 # ---------------------------------------------------------------------------------------------------
 # The model and its preprocessing
 
+class CheckpointError(ValueError):
+    """A file that is not a readable orestudy checkpoint."""
+
+
 def checkpoint_file(source: str) -> Path:
     """best.pt of a run folder, a checkpoint file, or the best.pt artifact of an MLflow run / model."""
     if source.startswith(("runs:/", "models:/")):
@@ -50,7 +54,12 @@ def checkpoint_file(source: str) -> Path:
 def load_model(source: str, device: torch.device = torch.device("cpu"),
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
     """(model ready for inference, checkpoint metadata): see models.for_inference."""
-    model, meta = models.load_checkpoint(checkpoint_file(source), device)
+    path = checkpoint_file(source)
+    try:
+        model, meta = models.load_checkpoint(path, device)
+    except Exception as err:  # unpickling, a missing key, a mismatched state dict: each means "not one of ours"
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a readable orestudy checkpoint ({type(err).__name__}: {reason})") from err
     return models.for_inference(model, meta["input_size"], device, dtype), meta
 
 

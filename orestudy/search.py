@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from pathlib import Path
 from unittest import mock
 
 from . import cli
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         space = load_space(args.space)
         settings = cli.from_args(args, StudySettings, name=args.name or space.name)
+        if not Path(settings.data).is_dir():
+            raise FileNotFoundError(f"data folder not found: {settings.data} (--data or ORESTUDY_DATA)")
         options = SearchSettings(args.trials, args.time_budget, tuple(args.seeds), args.baseline,
                                  tuple(args.baseline_seeds), args.resume, args.sampler_seed, args.folds)
         # Ctrl-C stops the whole search, not just Tune's part of it (after which the retraining would

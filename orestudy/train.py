@@ -22,9 +22,13 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as err:
         parser.error(str(err))
     from . import reports
-    from .training import run_experiment  # torch loads only when a run starts
+    from .data import DataError  # torch loads only when a run starts
+    from .training import run_experiment
 
-    result = run_experiment(config)
+    try:
+        result = run_experiment(config)
+    except DataError as err:  # the data set as it stands cannot be trained on: one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if "per_class" in result:  # a run that did not evaluate the test split has none
         print(f"test split of {result['run_dir']}:\n{reports.per_class_table(result)}")
     print(json.dumps({k: result[k] for k in ("accuracy", "macro_f1", "best_epoch", "best_val_accuracy",

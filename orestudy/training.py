@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,10 +48,14 @@ def train_one_epoch(forward: Callable, optimizer, loader, device, dtype, total: 
         inputs, target = devices.to_device(inputs, device), target.to(device)
         with devices.autocast(device, dtype):
             loss, logits = loss_of(forward(inputs), target)
+        value = loss.item()
+        if not math.isfinite(value):  # NaN weights would still "test" at some accuracy: stop here instead
+            raise FloatingPointError(f"training loss is {value} in {desc}: the run stops (a learning rate too "
+                                     f"high, or channel statistics with a zero standard deviation?)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(target)
+        loss_sum += value * len(target)
         correct += (logits.argmax(1) == target).sum().item()
         seen += len(target)
     return loss_sum / seen, correct / seen
