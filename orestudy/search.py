@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     from .search_study import SearchSettings, run_search
 
     try:
+        if not Path(args.data).is_dir():
+            raise FileNotFoundError(f"data folder not found: {args.data} (--data or ORESTUDY_DATA)")
         space = load_space(args.space)
         settings = cli.from_args(args, StudySettings, name=args.name or space.name)
-        if not Path(settings.data).is_dir():
-            raise FileNotFoundError(f"data folder not found: {settings.data} (--data or ORESTUDY_DATA)")
         options = SearchSettings(args.trials, args.time_budget, tuple(args.seeds), args.baseline,
                                  tuple(args.baseline_seeds), args.resume, args.sampler_seed, args.folds)
         # Ctrl-C stops the whole search, not just Tune's part of it (after which the retraining would

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import COLOURS, make_image, png_folder
-from orestudy import data, eda, predict, prediction, search, train, training
+from orestudy import data, eda, predict, prediction, search, search_space, train, training
 from orestudy.config import TrainConfig
 from orestudy.data import ImageRecord
 from orestudy.features import FeatureCache
@@ -122,7 +123,8 @@ def test_bad_options_get_one_line(option, value, capsys):
 def test_yaml_configs_are_checked_the_same_way():
     with pytest.raises(ValueError, match="grid.yaml: dropout must be in"):
         TrainConfig.from_dict({"dropout": 1.5}, source="grid.yaml")
-    assert "lr must be a positive number" in search.value_error({"lr": -1e-3})
+    with pytest.raises(search_space.SearchSpaceError, match="space.yaml: params.lr: lr must be a positive number"):
+        search_space.check_config(Path("space.yaml"), "params.lr", {"lr": -1e-3})
 
 
 def test_missing_data_folder_and_garbage_checkpoint_get_one_line(tmp_path, capsys):
