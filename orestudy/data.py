@@ -6,12 +6,14 @@ is reported and left out.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
 import io
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,12 +98,24 @@ def scan_folder(root: str | Path, progress: bool = False,
     return records, bad
 
 
-def write_json_atomic(path: Path, value) -> None:
+@contextlib.contextmanager
+def replaced(path: Path):
+    """A temporary name beside path, of this process and thread alone, moved over path when the block
+    ends: a reader sees the old file or the whole new one, and concurrent writers (two identical runs,
+    trials sharing a cache) never write into each other's file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, value, indent: int | None = None) -> None:
     """JSON written whole or not at all: processes sharing a cache folder never read half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=indent))
 
 
 def near_duplicate_groups(records: list[ImageRecord], max_distance: int = 6) -> np.ndarray:
@@ -146,13 +160,11 @@ def make_split(records: list[ImageRecord], seed: int, fractions=(0.6, 0.2, 0.2))
 def write_manifest(path: Path, records: list[ImageRecord], split: list[str], root: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     groups = near_duplicate_groups(records)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
+    with replaced(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "sha256", "label", "split", "group"])
         for rec, part, group in zip(records, split, groups):
             writer.writerow([os.path.relpath(rec.path, root), rec.sha256, rec.label, part, int(group)])
-    os.replace(tmp, path)
 
 
 def read_manifest(path: Path, records: list[ImageRecord], root: Path) -> list[str]:

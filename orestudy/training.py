@@ -7,12 +7,14 @@
 `run_experiment(config, report, resume)` is those three steps, and the trainable every study calls:
 Ray Tune trials, Optuna searches and `python -m orestudy.train` all go through it. While (part of) the
 backbone is frozen, its outputs come from the feature cache (features.FrozenRoute) and only the rest
-trains. After every epoch `report` gets the training state, from which `run_experiment(config,
-resume=state)` continues the run exactly as if it had never stopped.
+trains. After every epoch the training state is saved as last.pt in the run folder and given to
+`report`; `run_experiment(config, resume=state)` (or `resumable(run_dir)`'s, from last.pt) continues
+the run exactly as if it had never stopped. Every run has a folder of its own, never overwritten.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import sys
 import time
@@ -114,15 +116,42 @@ class Run:
         print(f"[{self.config.run_name()}] {text}", file=sys.stderr, flush=True)
 
 
-def build_run(config: TrainConfig) -> Run:
+class RunFolderExists(FileExistsError):
+    pass
+
+
+def claim_run_dir(config: TrainConfig) -> Path:
+    """A run folder no other run writes to, made atomically, so two identical runs started at once get
+    one each: output/run_name(), or while that exists the first free of run_name()-2, -3, ... (as
+    Ultralytics does). A --name is taken as given, an existing one only with exist_ok (which a study
+    trial has: its folder is its own, and a retry takes it over)."""
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    folder = output / config.run_name()
+    if config.exist_ok:
+        folder.mkdir(exist_ok=True)
+        return folder
+    for n in itertools.count(2):
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            if config.name:
+                raise RunFolderExists(f"run folder {folder} already exists (--exist-ok reuses it)") from None
+            folder = output / f"{config.run_name()}-{n}"
+
+
+def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
+    """The run, in run_dir (a resumed run's folder) or in a new folder of its own."""
     threads = devices.set_threads(config.threads)
     device = devices.pick_device(config.device)
     dtype = devices.pick_precision(config.precision, device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    run_dir = Path(config.output) / config.run_name()
+    if run_dir is None:
+        run_dir = claim_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    data.write_json_atomic(run_dir / "config.json", asdict(config), indent=2)
     progress = config.progress and sys.stderr.isatty()
 
     prep = prepare_data(config, run_dir, progress)
@@ -173,7 +202,8 @@ class Progress:
 def training_state(run: Run, progress: Progress) -> dict:
     """What resume takes to continue after progress.epoch: every random stream included, so the epochs
     to come are the unbroken run's. Valid during the report call only (it holds the live weights)."""
-    state = {"run_name": run.config.run_name(), "epoch": progress.epoch, "model": run.model.state_dict(),
+    state = {"run_name": run.config.run_name(), "run_dir": str(run.run_dir), "epoch": progress.epoch,
+             "model": run.model.state_dict(),
              "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
              "torch_rng": torch.get_rng_state(), "history": progress.history, "best": progress.best,
              "best_state": progress.best_state, "elapsed": progress.elapsed + time.time() - run.started,
@@ -222,9 +252,19 @@ def save_best(run: Run, best: dict) -> None:
                            run.std, asdict(run.config), best)
 
 
+LAST = "last.pt"  # the training state after the last finished epoch, until the run has finished
+
+
+def stopped_early(config: TrainConfig, progress: Progress) -> bool:
+    """--patience: no better validation accuracy in the last `patience` epochs."""
+    return 0 < config.patience <= progress.epoch - progress.best.get("epoch", 0)
+
+
 def fit(run: Run, progress: Progress, tracker, report: Callable[[dict, dict], None] | None = None) -> Progress:
-    """The epochs after progress.epoch; the best-validation weights are kept (and saved as best.pt)."""
-    for epoch in range(progress.epoch + 1, run.config.epochs + 1):
+    """The epochs after progress.epoch, or fewer when --patience stops the run early; the best-validation
+    weights are kept (and saved as best.pt), the training state after every epoch as last.pt."""
+    while progress.epoch < run.config.epochs and not stopped_early(run.config, progress):
+        epoch = progress.epoch + 1
         row = fit_epoch(run, epoch)
         progress.history.append(row)
         progress.epoch = epoch
@@ -237,8 +277,14 @@ def fit(run: Run, progress: Progress, tracker, report: Callable[[dict, dict], No
                 f"train loss {row['train_loss']:.3f} acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.3f} "
                 f"acc {row['val_accuracy']:.3f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s)")
         tracker.log_epoch(row)
+        state = training_state(run, progress)
+        with data.replaced(run.run_dir / LAST) as tmp:
+            torch.save(state, tmp)
         if report is not None:
-            report(row, training_state(run, progress))
+            report(row, state)
+    if progress.epoch < run.config.epochs:
+        run.log(f"stopped early after epoch {progress.epoch}: validation accuracy has not improved for "
+                f"{run.config.patience} epochs")
     return progress
 
 
@@ -271,7 +317,7 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
         result = test_metrics(test, prep.class_names, best["unknown_threshold"])
         outcomes += per_image("test", prep.records["test"], test)
     result.update({
-        "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
+        "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"], "epochs_run": progress.epoch,
         "wall_seconds": progress.elapsed + time.time() - run.started, "threads": run.threads,
         "device": str(run.device), "precision": str(run.dtype or "fp32"), "n_train": len(prep.records["train"]),
         "n_val": len(prep.records["val"]), "n_test": len(prep.records["test"]),
@@ -288,11 +334,31 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
 def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | None = None,
                    resume: dict | None = None) -> dict:
     """Train one configuration and test its best-validation checkpoint once. report(epoch_metrics,
-    state) is called after every epoch (Ray Tune's hook); resume takes such a state and continues."""
+    state) is called after every epoch (Ray Tune's hook); resume takes such a state and continues, in
+    the run's folder and MLflow run. A run that raises ends its MLflow run FAILED, or KILLED (Ctrl-C)."""
     from . import tracking  # mlflow loads only when a run starts
 
-    run = build_run(config)
+    # States saved before run folders were recorded in them continue in a folder claimed as usual.
+    run = build_run(config, Path(resume["run_dir"]) if resume and "run_dir" in resume else None)
     progress = restore(run, resume) if resume is not None else Progress()
-    tracker = tracking.Tracker.start(config, run.run_dir, progress.history, progress.mlflow_run)
-    progress.mlflow_run = tracker.run_id
-    return finish(run, fit(run, progress, tracker, report), tracker)
+    with tracking.Tracker.start(config, run.run_dir, progress.history, progress.mlflow_run) as tracker:
+        progress.mlflow_run = tracker.run_id
+        result = finish(run, fit(run, progress, tracker, report), tracker)
+    (run.run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
+    return result
+
+
+def resumable(run_dir: str | Path, **where) -> tuple[TrainConfig, dict]:
+    """The config (its config.json; where: fields of where and how it runs now, e.g. threads) and the
+    training state (its last.pt) that continue the interrupted run in run_dir after its last finished
+    epoch: run_experiment(*resumable(run_dir)) finishes it in its folder and MLflow run."""
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / "metrics.json").exists():
+        raise ValueError(f"{run_dir} has finished (it has metrics.json): nothing to resume")
+    if not (run_dir / LAST).exists():
+        raise FileNotFoundError(f"{run_dir / LAST} not found: the run finished no epoch, or is no run folder")
+    saved = run_dir / "config.json"
+    # Its MLflow store and split manifests are beside it, wherever this is started from.
+    config = TrainConfig.from_dict({**json.loads(saved.read_text()), **where, "output": str(run_dir.parent)},
+                                   source=str(saved))
+    return config, {**torch.load(run_dir / LAST, map_location="cpu"), "run_dir": str(run_dir)}
