@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import filelock
 import mlflow
 
 ARTIFACTS = ("config.json", "split.csv", "history.csv", "metrics.json", "predictions.csv", "confusion_matrix.png",
@@ -32,24 +33,24 @@ def use_store(output: str | Path) -> str:
     return uri
 
 
-def artifact_location(uri: str) -> str | None:
-    """mlartifacts/ beside a SQLite store; MLflow's default would be ./mlruns of the working folder. A
-    tracking server or a file store places artifacts itself."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+def sqlite_file(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
 
 
 def configure(output: str | Path, experiment: str) -> str:
-    """Point MLflow at its store (use_store); returns the experiment id."""
+    """Point MLflow at its store (use_store); returns the experiment id. A new experiment in a SQLite
+    store keeps its artifacts beside the store in mlartifacts/ (MLflow's default would be ./mlruns of
+    the working folder); a tracking server or a file store places them itself."""
     Path(output).mkdir(parents=True, exist_ok=True)
-    uri = use_store(output)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        try:
-            return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
-        except mlflow.exceptions.MlflowException:  # another trial created it first
-            exp = mlflow.get_experiment_by_name(experiment)
+    db = sqlite_file(use_store(output))
+    # The first process to open a new SQLite store creates its tables: two at once crash without the lock.
+    with filelock.FileLock(f"{db}.lock") if db else contextlib.nullcontext():
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                return mlflow.create_experiment(experiment, artifact_location=db and (db.parent / "mlartifacts").as_uri())
+            except mlflow.exceptions.MlflowException:  # another process created it first (a tracking server)
+                exp = mlflow.get_experiment_by_name(experiment)
     return exp.experiment_id
 
 

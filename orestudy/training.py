@@ -203,8 +203,8 @@ def training_state(run: Run, progress: Progress) -> dict:
     """What resume takes to continue after progress.epoch: every random stream included, so the epochs
     to come are the unbroken run's. Valid during the report call only (it holds the live weights)."""
     state = {"run_name": run.config.run_name(), "run_dir": str(run.run_dir), "epoch": progress.epoch,
-             "model": run.model.state_dict(),
-             "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
+             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "generator": run.generator.get_state(),
              "torch_rng": torch.get_rng_state(), "history": progress.history, "best": progress.best,
              "best_state": progress.best_state, "elapsed": progress.elapsed + time.time() - run.started,
              "mlflow_run": progress.mlflow_run}
@@ -215,8 +215,6 @@ def training_state(run: Run, progress: Progress) -> dict:
 
 def restore(run: Run, state: dict) -> Progress:
     """The inverse of training_state."""
-    if state["run_name"] != run.config.run_name():
-        raise ValueError(f"the training state to resume is of run {state['run_name']}, not {run.config.run_name()}")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.generator.set_state(state["generator"])
@@ -331,6 +329,16 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
     return result
 
 
+def resumed_dir(config: TrainConfig, state: dict | None) -> Path | None:
+    """The folder of the run a training state continues; None for a new run, or for a state saved before
+    states recorded it (that run continues in a folder claimed as usual)."""
+    if state is None:
+        return None
+    if state["run_name"] != config.run_name():  # checked before anything is written to its folder
+        raise ValueError(f"the training state to resume is of run {state['run_name']}, not {config.run_name()}")
+    return Path(state["run_dir"]) if "run_dir" in state else None
+
+
 def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | None = None,
                    resume: dict | None = None) -> dict:
     """Train one configuration and test its best-validation checkpoint once. report(epoch_metrics,
@@ -338,8 +346,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | N
     the run's folder and MLflow run. A run that raises ends its MLflow run FAILED, or KILLED (Ctrl-C)."""
     from . import tracking  # mlflow loads only when a run starts
 
-    # States saved before run folders were recorded in them continue in a folder claimed as usual.
-    run = build_run(config, Path(resume["run_dir"]) if resume and "run_dir" in resume else None)
+    run = build_run(config, resumed_dir(config, resume))
     progress = restore(run, resume) if resume is not None else Progress()
     with tracking.Tracker.start(config, run.run_dir, progress.history, progress.mlflow_run) as tracker:
         progress.mlflow_run = tracker.run_id

@@ -162,6 +162,7 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(image_folder, tmp_path
     unbroken_dir, resumed_dir, interrupted_dir = (tmp_path / "runs" / (config.run_name() + suffix)
                                                     for suffix in ("", "-2", "-3"))
     assert state["run_dir"] == str(resumed_dir) and result["run_dir"] == str(resumed_dir)
+    assert json.loads((resumed_dir / "config.json").read_text())["epochs"] == 4  # the refused state wrote nothing
     run(stop_after=2)
     last = torch.load(interrupted_dir / "last.pt")
     assert last["epoch"] == 2 and all(torch.equal(last["model"][k], v) for k, v in state["model"].items())
