@@ -49,6 +49,8 @@ class TrainConfig:
     freeze_epochs: int = option(10, "backbone frozen (weights and BatchNorm statistics) for the first F "
                                     "epochs; >= epochs: frozen throughout")
     epochs: int = option(20, "training epochs; an epoch is one pass over the (5x augmented) training set")
+    patience: int = option(0, "stop early once validation accuracy has not improved for N epochs; 0: never "
+                              "(the paper trains every epoch)")
     lr: float = option(1e-4, "Adam learning rate")
     batch_size: int = option(32, "training and evaluation batch size")
     dropout: float = option(0.5, "dropout before the last linear layer, in [0, 1)")
@@ -82,7 +84,9 @@ class TrainConfig:
     curation: str = option("", "curation CSV (image, action, label, note): images to exclude or relabel, "
                                "applied after scanning; the split stays the published data's", role=WHERE)
     output: str = option("runs", "folder of run folders and the MLflow store", role=WHERE)
-    name: str = option("", "run folder name; derived from the config when empty", role=WHERE)
+    name: str = option("", "run folder name; derived from the config when empty (then -2, -3, ... is added "
+                           "while that folder exists)", role=WHERE)
+    exist_ok: bool = option(False, "let --name reuse an existing run folder (otherwise an error)", role=WHERE)
     cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps it in memory only", role=WHERE)
     mlflow: bool = option(True, "log the run to MLflow", role=WHERE)
     experiment: str = option("orestudy", "MLflow experiment", role=WHERE)
@@ -96,8 +100,10 @@ class TrainConfig:
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"unknown {f.name} {getattr(self, f.name)!r}; expected one of {sorted(choices)}")
-        if self.epochs < 1 or self.freeze_epochs < 0 or self.freeze_depth < 0 or self.batch_size < 1 or self.reduction < 1:
-            raise ValueError("epochs and batch_size must be >= 1, freeze_epochs and freeze_depth >= 0, reduction >= 1")
+        if self.epochs < 1 or self.freeze_epochs < 0 or self.freeze_depth < 0 or self.batch_size < 1 or self.reduction < 1 \
+                or self.patience < 0:
+            raise ValueError("epochs and batch_size must be >= 1, freeze_epochs, freeze_depth and patience >= 0, "
+                             "reduction >= 1")
         for name, ok, want in (
                 ("aug_strength", 0.0 <= self.aug_strength <= 1.0, "in [0, 1]"),
                 ("lr", 0.0 < self.lr < float("inf"), "a positive number"),

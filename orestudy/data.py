@@ -6,6 +6,7 @@ is reported and left out.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import sys
+import threading
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -167,20 +169,24 @@ def scan_folder(root: str | Path, progress: bool = False,
     return records, bad
 
 
-def replace_atomic(path: Path, write) -> None:
-    """write(tmp) then rename onto path: a file whole or not at all, so processes sharing a folder never
-    read half a file; a failed write leaves no temporary file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+@contextlib.contextmanager
+def replaced(path: Path):
+    """A temporary name beside path, of this process and thread alone, moved over path when the block
+    ends: a reader sees the old file or the whole new one, and concurrent writers (two identical runs,
+    trials sharing a cache) never write into each other's file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        write(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, value) -> None:
-    replace_atomic(path, lambda tmp: tmp.write_text(json.dumps(value)))
+def write_json_atomic(path: Path, value, indent: int | None = None) -> None:
+    """JSON written whole or not at all: processes sharing a cache folder never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=indent))
 
 
 def hamming_neighbours(hashes: np.ndarray, rows: np.ndarray, max_distance: int, blocks) -> np.ndarray:
@@ -278,19 +284,17 @@ def write_manifest(path: Path, records: list[ImageRecord], split: list[str], roo
     """One row per image: path, content hash, label, split, near-duplicate group; a curated data set's
     manifest has the same split, the new labels, and each image's curation action and the curation's hash."""
     groups = near_duplicate_groups(records)
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="", **MANIFEST_ENCODING) as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "sha256", "label", "split", "group"] + (["action", "curation"] if curation else []))
-            for rec, part, group in zip(records, split, groups):
-                row = [os.path.relpath(rec.path, root), rec.sha256, rec.label, part, int(group)]
-                if curation:
-                    action, label = curation.actions.get(rec.path, ("", ""))
-                    row[2] = label or rec.label
-                    row += [action, curation.sha256]
-                writer.writerow(row)
-    replace_atomic(path, write)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced(path) as tmp, tmp.open("w", newline="", **MANIFEST_ENCODING) as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "sha256", "label", "split", "group"] + (["action", "curation"] if curation else []))
+        for rec, part, group in zip(records, split, groups):
+            row = [os.path.relpath(rec.path, root), rec.sha256, rec.label, part, int(group)]
+            if curation:
+                action, label = curation.actions.get(rec.path, ("", ""))
+                row[2] = label or rec.label
+                row += [action, curation.sha256]
+            writer.writerow(row)
 
 
 def read_manifest(path: Path, records: list[ImageRecord], root: Path, curation: Curation | None = None) -> list[str]:

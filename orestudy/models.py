@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from . import data
 from .config import ATTENTIONS, BACKBONES, REPO_ROOT
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -311,13 +312,13 @@ def for_inference(module: nn.Module, input_size: int, device: torch.device, dtyp
 def save_checkpoint(path: Path, model: OreClassifier, class_names: list[str], input_size: int,
                     mean: list[float], std: list[float], config: dict, best: dict) -> None:
     """Everything prediction needs, so it never falls back on the training code's defaults."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({
-        "model": model.state_dict(), "backbone": model.spec.name, "input_size": input_size,
-        "attention": config["attention"], "reduction": config["reduction"], "dropout": config["dropout"],
-        "class_names": list(class_names), "mean": list(mean), "std": list(std), "config": config, "best": best,
-    }, tmp)
-    os.replace(tmp, path)
+    with data.replaced(path) as tmp:
+        torch.save({
+            "model": model.state_dict(), "backbone": model.spec.name, "input_size": input_size,
+            "attention": config["attention"], "reduction": config["reduction"], "dropout": config["dropout"],
+            "class_names": list(class_names), "mean": list(mean), "std": list(std), "config": config,
+            "best": best,
+        }, tmp)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[OreClassifier, dict]:

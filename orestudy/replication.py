@@ -89,9 +89,10 @@ def replicate(selection: Selection, settings: study.StudySettings, resume: bool 
             "reused": len(reused), "dataset": dataset, "data": settings.data, "reuse": list(reuse),
             **{k: getattr(selection, k) for k in ("only", "backbones", "regimes", "schedules", "fields")}},
             resume) if settings.mlflow else ""
-        configs = [{**c, "parent_run": parent} for c in configs]  # a resumed study keeps its saved ones
-        results = study.run_study({"config": tune.grid_search(configs)}, settings, resume) if configs else []
-        trials = reused + study.planned(configs, study.outcomes(results))
+        with tracking.ended_on_error(parent):  # a second Ctrl-C, or Tune failing, ends the study's run
+            configs = [{**c, "parent_run": parent} for c in configs]  # a resumed study keeps its saved ones
+            results = study.run_study({"config": tune.grid_search(configs)}, settings, resume) if configs else []
+            trials = reused + study.planned(configs, study.outcomes(results))
     files = report(trials)
     unfinished = sum(t.status == study.UNFINISHED for t in trials)
     if parent:

@@ -95,7 +95,8 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
     if tracking_uri:  # the driver's store, wherever this trial runs
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 0)
-    config = TrainConfig.from_dict({**params["config"], "threads": int(cpus), "progress": False})
+    # A trial's run folder is its own: a retry, or the trial in a resumed study, takes it over.
+    config = TrainConfig.from_dict({**params["config"], "threads": int(cpus), "progress": False, "exist_ok": True})
 
     def report(row: dict, state: dict) -> None:
         best = state["best"]

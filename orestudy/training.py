@@ -7,12 +7,15 @@
 `run_experiment(config, report, resume)` is those three steps, and the trainable every study calls:
 Ray Tune trials, Optuna searches and `python -m orestudy.train` all go through it. While (part of) the
 backbone is frozen, its outputs come from the feature cache (features.FrozenRoute) and only the rest
-trains. After every epoch `report` gets the training state, from which `run_experiment(config,
-resume=state)` continues the run exactly as if it had never stopped.
+trains. After every epoch the training state is saved as last.pt in the run folder and given to
+`report`; `run_experiment(config, resume=state)` (or `resumable(run_dir)`'s, from last.pt) continues
+the run exactly as if it had never stopped. Every run has a folder of its own, never overwritten.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import json
 import math
 import sys
@@ -128,15 +131,42 @@ class Run:
         print(f"[{self.config.run_name()}] {text}", file=sys.stderr, flush=True)
 
 
-def build_run(config: TrainConfig) -> Run:
+class RunFolderExists(FileExistsError):
+    pass
+
+
+def claim_run_dir(config: TrainConfig) -> Path:
+    """A run folder no other run writes to, made atomically, so two identical runs started at once get
+    one each: output/run_name(), or while that exists the first free of run_name()-2, -3, ... (as
+    Ultralytics does). A --name is taken as given, an existing one only with exist_ok (which a study
+    trial has: its folder is its own, and a retry takes it over)."""
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    folder = output / config.run_name()
+    if config.exist_ok:
+        folder.mkdir(exist_ok=True)
+        return folder
+    for n in itertools.count(2):
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            if config.name:
+                raise RunFolderExists(f"run folder {folder} already exists (--exist-ok reuses it)") from None
+            folder = output / f"{config.run_name()}-{n}"
+
+
+def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
+    """The run, in run_dir (a resumed run's folder) or in a new folder of its own."""
     threads = devices.set_threads(config.threads)
     device = devices.pick_device(config.device)
     dtype = devices.pick_precision(config.precision, device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    run_dir = Path(config.output) / config.run_name()
+    if run_dir is None:
+        run_dir = claim_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    data.write_json_atomic(run_dir / "config.json", asdict(config), indent=2)
     progress = config.progress and sys.stderr.isatty()
 
     prep = prepare_data(config, run_dir, progress)
@@ -187,8 +217,9 @@ class Progress:
 def training_state(run: Run, progress: Progress) -> dict:
     """What resume takes to continue after progress.epoch: every random stream included, so the epochs
     to come are the unbroken run's. Valid during the report call only (it holds the live weights)."""
-    state = {"run_name": run.config.run_name(), "epoch": progress.epoch, "model": run.model.state_dict(),
-             "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
+    state = {"run_name": run.config.run_name(), "run_dir": str(run.run_dir), "epoch": progress.epoch,
+             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "generator": run.generator.get_state(),
              "torch_rng": torch.get_rng_state(), "history": progress.history, "best": progress.best,
              "best_state": progress.best_state, "elapsed": progress.elapsed + time.time() - run.started,
              "mlflow_run": progress.mlflow_run}
@@ -199,8 +230,6 @@ def training_state(run: Run, progress: Progress) -> dict:
 
 def restore(run: Run, state: dict) -> Progress:
     """The inverse of training_state."""
-    if state["run_name"] != run.config.run_name():
-        raise ValueError(f"the training state to resume is of run {state['run_name']}, not {run.config.run_name()}")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.generator.set_state(state["generator"])
@@ -236,6 +265,14 @@ def save_best(run: Run, best: dict) -> None:
                            run.std, asdict(run.config), best)
 
 
+LAST = "last.pt"  # the training state after the last finished epoch, until the run has finished
+
+
+def stopped_early(config: TrainConfig, progress: Progress) -> bool:
+    """--patience: no better validation accuracy in the last `patience` epochs."""
+    return 0 < config.patience <= progress.epoch - progress.best.get("epoch", 0)
+
+
 def fit_step(run: Run, progress: Progress, tracker, epoch: int) -> dict:
     """One epoch of fit: train and validate, keep the best-validation weights (saved as best.pt), log."""
     row = fit_epoch(run, epoch)
@@ -254,11 +291,18 @@ def fit_step(run: Run, progress: Progress, tracker, epoch: int) -> dict:
 
 
 def fit(run: Run, progress: Progress, tracker, report: Callable[[dict, dict], None] | None = None) -> Progress:
-    """The epochs after progress.epoch."""
-    for epoch in range(progress.epoch + 1, run.config.epochs + 1):
-        row = fit_step(run, progress, tracker, epoch)
+    """The epochs after progress.epoch, or fewer when --patience stops the run early; the training state
+    after every epoch is kept as last.pt (and handed to report)."""
+    while progress.epoch < run.config.epochs and not stopped_early(run.config, progress):
+        row = fit_step(run, progress, tracker, progress.epoch + 1)
+        state = training_state(run, progress)
+        with data.replaced(run.run_dir / LAST) as tmp:
+            torch.save(state, tmp)
         if report is not None:
-            report(row, training_state(run, progress))
+            report(row, state)
+    if progress.epoch < run.config.epochs:
+        run.log(f"stopped early after epoch {progress.epoch}: validation accuracy has not improved for "
+                f"{run.config.patience} epochs")
     return progress
 
 
@@ -290,7 +334,7 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
         outcomes += per_image("test", prep.records["test"], test)
     result.update(curation_metrics(run, depth))
     result.update({
-        "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
+        "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"], "epochs_run": progress.epoch,
         "wall_seconds": progress.elapsed + time.time() - run.started, "threads": run.threads,
         "device": str(run.device), "precision": str(run.dtype or "fp32"), "n_train": len(prep.records["train"]),
         "n_val": len(prep.records["val"]), "n_test": len(prep.records["test"]),
@@ -320,20 +364,49 @@ def curation_metrics(run: Run, depth: int) -> dict:
             "test_full_macro_f1": scores["macro_f1"]}
 
 
+def resumed_dir(config: TrainConfig, state: dict | None) -> Path | None:
+    """The folder of the run a training state continues; None for a new run, or for a state saved before
+    states recorded it (that run continues in a folder claimed as usual)."""
+    if state is None:
+        return None
+    if state["run_name"] != config.run_name():  # checked before anything is written to its folder
+        raise ValueError(f"the training state to resume is of run {state['run_name']}, not {config.run_name()}")
+    return Path(state["run_dir"]) if "run_dir" in state else None
+
+
 def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | None = None,
                    resume: dict | None = None) -> dict:
     """Train one configuration and test its best-validation checkpoint once. report(epoch_metrics,
-    state) is called after every epoch (Ray Tune's hook); resume takes such a state and continues.
+    state) is called after every epoch (Ray Tune's hook); resume takes such a state and continues, in
+    the run's folder and MLflow run. A run that raises ends its MLflow run FAILED, or KILLED (Ctrl-C).
     A cross-validated config (folds > 1, fold -1) is cross_validate's."""
     from . import tracking  # mlflow loads only when a run starts
 
     if len(config.fold_configs()) > 1:
         return cross_validate(config, report, resume)
-    run = build_run(config)
+    run = build_run(config, resumed_dir(config, resume))
     progress = restore(run, resume) if resume is not None else Progress()
-    tracker = tracking.Tracker.start(config, run.run_dir, progress.history, progress.mlflow_run)
-    progress.mlflow_run = tracker.run_id
-    return finish(run, fit(run, progress, tracker, report), tracker)
+    with tracking.Tracker.start(config, run.run_dir, progress.history, progress.mlflow_run) as tracker:
+        progress.mlflow_run = tracker.run_id
+        result = finish(run, fit(run, progress, tracker, report), tracker)
+    (run.run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
+    return result
+
+
+def resumable(run_dir: str | Path, **where) -> tuple[TrainConfig, dict]:
+    """The config (its config.json; where: fields of where and how it runs now, e.g. threads) and the
+    training state (its last.pt) that continue the interrupted run in run_dir after its last finished
+    epoch: run_experiment(*resumable(run_dir)) finishes it in its folder and MLflow run."""
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / "metrics.json").exists():
+        raise ValueError(f"{run_dir} has finished (it has metrics.json): nothing to resume")
+    if not (run_dir / LAST).exists():
+        raise FileNotFoundError(f"{run_dir / LAST} not found: the run finished no epoch, or is no run folder")
+    saved = run_dir / "config.json"
+    # Its MLflow store and split manifests are beside it, wherever this is started from.
+    config = TrainConfig.from_dict({**json.loads(saved.read_text()), **where, "output": str(run_dir.parent)},
+                                   source=str(saved))
+    return config, {**torch.load(run_dir / LAST, map_location="cpu"), "run_dir": str(run_dir)}
 
 
 def cross_validate(config: TrainConfig, report: Callable[[dict, dict], None] | None = None,
@@ -343,12 +416,25 @@ def cross_validate(config: TrainConfig, report: Callable[[dict, dict], None] | N
     validation accuracies so far, with the spread beside it. The state holds every fold's state."""
     from . import tracking
 
-    runs = [build_run(c) for c in config.fold_configs()]
-    states = resume["folds"] if resume is not None else [None] * len(runs)
+    folds = config.fold_configs()
+    states = resume["folds"] if resume is not None else [None] * len(folds)
+    runs = [build_run(c, resumed_dir(c, state)) for c, state in zip(folds, states)]
     progresses = [Progress() if state is None else restore(run, state) for run, state in zip(runs, states)]
-    trackers = [tracking.Tracker.start(run.config, run.run_dir, p.history, p.mlflow_run) for run, p in zip(runs, progresses)]
-    for p, tracker in zip(progresses, trackers):
-        p.mlflow_run = tracker.run_id
+    with contextlib.ExitStack() as stack:  # each fold's MLflow run ends FAILED or KILLED if this raises
+        trackers = [stack.enter_context(tracking.Tracker.start(run.config, run.run_dir, p.history, p.mlflow_run))
+                    for run, p in zip(runs, progresses)]
+        for p, tracker in zip(progresses, trackers):
+            p.mlflow_run = tracker.run_id
+        results = lockstep(config, runs, progresses, trackers, report)
+    fold_best = [r["best_val_accuracy"] for r in results]
+    return {"folds": results, "fold_best_val_accuracy": fold_best, "best_val_accuracy": float(np.mean(fold_best)),
+            "best_epoch": int(np.median([r["best_epoch"] for r in results])),
+            "wall_seconds": max(r["wall_seconds"] for r in results), "run_dir": str(runs[0].run_dir.parent)}
+
+
+def lockstep(config: TrainConfig, runs: list[Run], progresses: list[Progress], trackers: list, report) -> list[dict]:
+    """The folds' epochs, one epoch of every fold at a time, each reported as the folds' mean; then
+    every fold finished."""
     for epoch in range(progresses[0].epoch + 1, config.epochs + 1):
         rows = [fit_step(run, p, t, epoch) for run, p, t in zip(runs, progresses, trackers)]
         if report is not None:
@@ -359,8 +445,4 @@ def cross_validate(config: TrainConfig, report: Callable[[dict, dict], None] | N
                    {"folds": [training_state(run, p) for run, p in zip(runs, progresses)],
                     "best": {"epoch": epoch, "val_accuracy": float(np.mean([b["val_accuracy"] for b in bests])),
                              "val_loss": float(np.mean([b["val_loss"] for b in bests]))}})
-    results = [finish(run, p, t) for run, p, t in zip(runs, progresses, trackers)]
-    fold_best = [r["best_val_accuracy"] for r in results]
-    return {"folds": results, "fold_best_val_accuracy": fold_best, "best_val_accuracy": float(np.mean(fold_best)),
-            "best_epoch": int(np.median([r["best_epoch"] for r in results])),
-            "wall_seconds": max(r["wall_seconds"] for r in results), "run_dir": str(runs[0].run_dir.parent)}
+    return [finish(run, p, t) for run, p, t in zip(runs, progresses, trackers)]

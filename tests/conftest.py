@@ -1,6 +1,8 @@
 """Small generated image folders, so tests never depend on the real data set."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -47,3 +49,14 @@ def image_folder(tmp_path):
             else:
                 img.save(folder / f"{name} {i}.krista-mitchell.com", format="JPEG")
     return root
+
+
+@pytest.fixture(autouse=True)
+def own_tracking_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: one test's store must not become the next's."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -321,6 +321,9 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials_or_epochs(i
     (stopped,) = [n for n in names if n != done]
     last = max(reported_epochs(trial_folders, stopped))
     assert first.returncode == 1 and "--resume" in before and 1 <= last < 4, before[-3000:]
+    # Ctrl-C leaves no MLflow run RUNNING: the study's and the stopped trial's are KILLED.
+    assert {r.info.run_name: r.info.status for r in mlflow_runs(tmp_path / "runs")} == \
+        {"resumable": "KILLED", done: "FINISHED", stopped: "KILLED"}
 
     second = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=study_env(), cwd=REPO_ROOT,
                             timeout=300)
@@ -339,6 +342,8 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials_or_epochs(i
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == names  # one run each, the stopped one continued
     assert all(r.info.status == "FINISHED" for r in children)
+    # Started from the repository, the artifacts are beside the store all the same.
+    assert all(r.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri()) for r in runs)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     for child in children:
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2, 3, 4]

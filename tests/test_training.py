@@ -157,6 +157,27 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(image_folder, tmp_path
     with pytest.raises(ValueError, match="training state to resume is of run"):
         run_experiment(tiny_config(image_folder, tmp_path, epochs=3), resume=state)
 
+    # The same through last.pt, the file every epoch leaves in the run folder, and `train --resume`:
+    # each attempt has a folder of its own, and the resumed one finishes in its folder.
+    unbroken_dir, resumed_dir, interrupted_dir = (tmp_path / "runs" / (config.run_name() + suffix)
+                                                    for suffix in ("", "-2", "-3"))
+    assert state["run_dir"] == str(resumed_dir) and result["run_dir"] == str(resumed_dir)
+    assert json.loads((resumed_dir / "config.json").read_text())["epochs"] == 4  # the refused state wrote nothing
+    run(stop_after=2)
+    last = torch.load(interrupted_dir / "last.pt")
+    assert last["epoch"] == 2 and all(torch.equal(last["model"][k], v) for k, v in state["model"].items())
+    assert not (interrupted_dir / "metrics.json").exists()
+    from orestudy import train
+
+    resumed = train.main(["--resume", str(interrupted_dir)])
+    for key in ("accuracy", "test_loss", "best_epoch", "best_val_accuracy", "confusion_matrix"):
+        assert resumed[key] == expected[key], key
+    columns = [c for c in pd.read_csv(unbroken_dir / "history.csv").columns if c != "epoch_seconds"]
+    assert pd.read_csv(interrupted_dir / "history.csv")[columns].equals(pd.read_csv(unbroken_dir / "history.csv")[columns])
+    weights = [torch.load(folder / "best.pt", weights_only=False)["model"] for folder in (unbroken_dir, interrupted_dir)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not (interrupted_dir / "last.pt").exists()  # a finished run has nothing left to resume
+
 
 def test_bf16_autocast_agrees_with_fp32():
     """bf16 is used only where the CPU (or GPU) runs it natively; where it is, it must not change answers."""
