@@ -3,7 +3,7 @@
     python -m orestudy.eda --data ../shared/data/minerals --output runs/eda
 
 Writes to the output folder, and logs as one MLflow run (experiment "orestudy-eda"):
-class_counts.png (images per class, imbalance ratio), samples.png (one random photo per class),
+class_counts.png (images per class, imbalance ratio), samples.png (four random photos per class),
 sizes.png (width vs height by class, file formats and modes), rgb_histograms.png (each class's RGB
 histogram), unreadable.csv, near_duplicates.csv, stats.json and summary.md, which ties them together.
 """
@@ -24,6 +24,7 @@ from .reports import plt  # matplotlib with the Agg backend: files only
 
 CHANNELS = ("red", "green", "blue")
 BINS = 64
+SAMPLES = 4  # photos per class in samples.png
 
 
 def class_colours(class_names: list[str]) -> dict[str, tuple]:
@@ -73,18 +74,22 @@ def class_counts_figure(path: Path, counts: dict[str, int], colours: dict) -> No
     plt.close(fig)
 
 
-def samples_figure(path: Path, samples: dict[str, data.ImageRecord]) -> None:
-    cols = min(4, len(samples))
-    rows = -(-len(samples) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (label, rec) in zip(axes.flat, samples.items()):
-        ax.imshow(data.load_rgb(rec.path))
-        ax.set_title(f"{label}\n{Path(rec.path).name[:28]} ({rec.width}x{rec.height})", fontsize=9)
-    fig.suptitle("One random photo per class")
+def samples_figure(path: Path, samples: dict[str, list[data.ImageRecord]]) -> None:
+    """A row per class, its photos side by side: what a class looks like, and how much it varies."""
+    cols = max(len(recs) for recs in samples.values())
+    fig, axes = plt.subplots(len(samples), cols, figsize=(2.4 * cols + 1.2, 2.3 * len(samples)), squeeze=False)
+    for row, (label, recs) in zip(axes, samples.items()):
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_frame_on(False)
+        for ax, rec in zip(row, recs):
+            ax.imshow(data.load_rgb(rec.path))
+            ax.set_title(f"{Path(rec.path).name[:24]} ({rec.width}x{rec.height})", fontsize=7)
+        row[0].set_ylabel(label, fontsize=11)
+    fig.suptitle(f"{cols} random photos per class")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -205,7 +210,7 @@ def summary_markdown(stats: dict) -> str:
         *[f"| {c} | {n} | {100 * n / stats['n_images']:.1f} % | {fmt3(stats['class_mean_rgb'][c])} |"
           for c, n in counts.items()], "",
         "![images per class](class_counts.png)", "",
-        "![one photo per class](samples.png)", "",
+        "![four random photos per class](samples.png)", "",
         "![sizes and formats](sizes.png)", "",
         "![RGB histograms](rgb_histograms.png)", "",
     ]
@@ -242,7 +247,8 @@ def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, prog
 
     rng = np.random.default_rng(seed)
     by_class = {c: [r for r in records if r.label == c] for c in class_names}
-    samples = {c: recs[rng.integers(len(recs))] for c, recs in by_class.items()}
+    samples = {c: [recs[i] for i in sorted(rng.choice(len(recs), min(SAMPLES, len(recs)), replace=False))]
+               for c, recs in by_class.items()}
     counts = {c: len(recs) for c, recs in by_class.items()}
     histograms = rgb_histograms(records, input_size)
     mean, std = data.channel_stats(records, input_size)
@@ -277,7 +283,7 @@ def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, prog
         "near_duplicate_groups": [{"paths": [rel(r.path, root) for r in g], "labels": [r.label for r in g]}
                                   for g in groups],
         "cross_class_groups": sum(len({r.label for r in g}) > 1 for g in groups),
-        "samples": {c: rel(r.path, root) for c, r in samples.items()},
+        "samples": {c: [rel(r.path, root) for r in recs] for c, recs in samples.items()},
     }
     (output / "stats.json").write_text(json.dumps(stats, indent=1))
     (output / "summary.md").write_text(summary_markdown(stats))
