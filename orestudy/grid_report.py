@@ -106,9 +106,8 @@ def figures(grid: dict, cells: list[Cell], trials: list[dict], folder: Path) -> 
                     pd.DataFrame(t["metrics"]["confusion_matrix"]) for t in ts).values.tolist()
         seeds = sorted({t["config"]["seed"] for row in panels.values() for t in ok[row]})
         paths.append(folder / f"fig9_confusion_{backbone}_{schedule}.png")
-        reports.confusion_figure(paths[-1], matrices, first["class_names"],
-                                 f"Counts summed over the test splits of seeds {', '.join(map(str, seeds))} (pooled; n: "
-                                 f"seeds per matrix)" if len(seeds) > 1 else "")
+        pooled = f"Counts summed over the test splits of seeds {', '.join(map(str, seeds))} (pooled; n: seeds each)"
+        reports.confusion_figure(paths[-1], matrices, first["class_names"], pooled if len(seeds) > 1 else "")
     for backbone in dict.fromkeys(c.backbone for c in ok):
         best = max((c for c in ok if c.backbone == backbone),
                    key=lambda c: sum(t["metrics"]["accuracy"] for t in ok[c]) / len(ok[c]))
@@ -118,7 +117,8 @@ def figures(grid: dict, cells: list[Cell], trials: list[dict], folder: Path) -> 
                                 sum(t["metrics"]["accuracy"] for t in ts) / len(ts),
                                 f"{MODEL_NAMES[backbone]} {ROW_NAMES.get(best.row, best.row)}, backbone "
                                 f"{schedule_label(ts[0]['config']['freeze_epochs'], ts[0]['config']['epochs'])}: "
-                                f"best cell, {len(ts)} seed(s)", [t["metrics"]["best_epoch"] for t in ts if "best_epoch" in t["metrics"]],
+                                f"best cell, {len(ts)} seed(s)",
+                                [t["metrics"]["best_epoch"] for t in ts if "best_epoch" in t["metrics"]],
                                 len(ts[0]["metrics"]["class_names"]))
     return paths
 

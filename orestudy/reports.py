@@ -86,23 +86,26 @@ def learning_curves(path: Path, histories: list[list[dict]], test_accuracy: floa
     plt.close(fig)
 
 
-def legible(fig, label_chars: int = 18, fontsize: int = 9) -> None:
-    """Labels a reader can read on a busy figure (Optuna's search plots): tick labels and axis titles
-    shortened to label_chars (the ends kept), slanted x tick labels, and the layout recomputed."""
+def legible(fig, label_chars: int = 28, fontsize: int = 9) -> None:
+    """Labels a reader can read on a busy figure (Optuna's search plots, for search.search_figures):
+    names shortened to label_chars (both ends kept), slanted x tick labels, and a width of at least
+    1.6 inches per labelled axis, so neighbouring labels do not run into each other."""
     def short(text: str) -> str:
         return text if len(text) <= label_chars else text[:label_chars // 2 - 1] + "…" + text[-(label_chars // 2):]
 
-    for ax in fig.axes:
-        if ax.get_label() == "<colorbar>":
-            continue
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    for ax in axes:
         ax.set_xlabel(short(ax.get_xlabel()), fontsize=fontsize)
         ax.set_ylabel(short(ax.get_ylabel()), fontsize=fontsize)
-        ax.set_xticks(ax.get_xticks(), [short(t.get_text()) for t in ax.get_xticklabels()],
-                      rotation=30, ha="right", fontsize=fontsize - 1)
+        texts = [t.get_text() for t in ax.get_xticklabels()]
+        if any(len(t) > label_chars and "$" not in t for t in texts):  # names (not numbers) too long to fit
+            ax.set_xticks(ax.get_xticks(), [short(t) for t in texts])
+        for label in ax.get_xticklabels():
+            label.set(rotation=30, ha="right", fontsize=fontsize - 1)
         ax.tick_params(axis="y", labelsize=fontsize - 1)
         ax.title.set_fontsize(fontsize + 1)
-    fig.set_size_inches(max(fig.get_size_inches()[0], 2.6 * len(fig.axes)), fig.get_size_inches()[1])
-    fig.tight_layout()
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(max(width, 1.6 * len(axes)), height)
 
 
 def write_predictions(path: Path, predictions: list[list], class_names: list[str]) -> None:

@@ -1,4 +1,8 @@
-"""Tracking: every run logged to MLflow (params, per-epoch metrics, figures, checkpoint, model).
+"""Tracking: every run logged to MLflow: MLflow's source, user and git-commit tags; the config with
+the device, dtype and threads it resolved to and the library versions as params; per-epoch metrics
+and the headline test metrics (single values such as sizes and the best epoch are params); the split
+as the run's dataset; files, the checkpoint, and the model as a pyfunc that answers photos
+(orestudy/pyfunc_model.py), optionally registered.
 
 The store is an embedded SQLite file beside the runs unless MLFLOW_TRACKING_URI says otherwise.
 Browse it with `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
@@ -142,8 +146,10 @@ def log_split(client: mlflow.MlflowClient, run_id: str, manifest: Path, config) 
     from mlflow.entities import DatasetInput, InputTag
 
     frame = pd.read_csv(manifest)
-    dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()), targets="label",
-                                      name=f"{Path(config.data).name}-seed{config.seed}")
+    with warnings.catch_warnings():  # MLflow's hints on ambiguous local sources and integer columns
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()), targets="label",
+                                          name=f"{Path(config.data).name}-seed{config.seed}")
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                      tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
 
