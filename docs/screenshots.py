@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import mlflow
 
 PAGES = {"mlflow_run_overview.png": "", "mlflow_run_metrics.png": "/model-metrics",
-         "mlflow_run_artifacts.png": "/artifacts/model"}
+         "mlflow_run_artifacts.png": "/artifacts/confusion_matrix.png"}
 
 
 def free_port() -> int:
@@ -61,9 +62,11 @@ def serve(store: str, port: int) -> subprocess.Popen:
 
 
 def screenshot(chromium: str, url: str, path: Path, size: str, wait_ms: int) -> None:
+    """wait_ms 0: a shot at the load event, which only warms the server (a first visit under virtual time
+    can stall while the server sends the UI's scripts for the first time)."""
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={size}", f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
-                   check=True, capture_output=True, timeout=300)
+                    f"--window-size={size}", *([f"--virtual-time-budget={wait_ms}"] if wait_ms else []),
+                    f"--screenshot={path}", url], check=True, capture_output=True, timeout=180)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="orestudy")
     parser.add_argument("--name", default="", help="run name (default: the newest finished run)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "figures")
-    parser.add_argument("--window-size", default="1400,1000")
-    parser.add_argument("--wait-ms", type=int, default=20000, help="virtual time the page gets to draw")
+    parser.add_argument("--window-size", default="1600,1100")
+    parser.add_argument("--wait-ms", type=int, default=15000, help="virtual time the page gets to draw")
     args = parser.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     server = serve(store, port)
     try:
         args.output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            screenshot(chromium, f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}",
+                       Path(tmp) / "warm.png", args.window_size, 0)
         for file, page in PAGES.items():
             url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}{page}"
             screenshot(chromium, url, args.output / file, args.window_size, args.wait_ms)
