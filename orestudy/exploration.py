@@ -2,7 +2,7 @@
 `python -m orestudy.eda`.
 
 run_eda writes to the output folder: class_counts.png (images per class, imbalance ratio), samples.png
-(one random photo per class), sizes.png (width vs height by class, file formats and modes),
+(four random photos per class), sizes.png (width vs height by class, file formats and modes),
 rgb_histograms.png (each class's RGB histogram), unreadable.csv, near_duplicates.csv, stats.json and
 summary.md, which ties them together; and the label audit (orestudy.audit) in audit/. With a curation,
 the curated data is described.
@@ -22,6 +22,7 @@ from .reports import plt  # matplotlib with the Agg backend: files only
 
 CHANNELS = ("red", "green", "blue")
 BINS = 64
+SAMPLES = 4  # photos per class in samples.png
 
 
 def class_colours(class_names: list[str]) -> dict[str, tuple]:
@@ -71,16 +72,20 @@ def class_counts_figure(path: Path, counts: dict[str, int], colours: dict) -> No
     plt.close(fig)
 
 
-def samples_figure(path: Path, samples: dict[str, data.ImageRecord]) -> None:
-    cols = min(4, len(samples))
-    rows = -(-len(samples) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (label, rec) in zip(axes.flat, samples.items()):
-        ax.imshow(data.load_rgb(rec.path))
-        ax.set_title(f"{label}\n{Path(rec.path).name[:28]} ({rec.width}x{rec.height})", fontsize=9)
-    fig.suptitle("One random photo per class")
+def samples_figure(path: Path, samples: dict[str, list[data.ImageRecord]]) -> None:
+    """A row per class, its photos side by side: what a class looks like, and how much it varies."""
+    cols = max(len(recs) for recs in samples.values())
+    fig, axes = plt.subplots(len(samples), cols, figsize=(2.4 * cols + 1.2, 2.3 * len(samples)), squeeze=False)
+    for row, (label, recs) in zip(axes, samples.items()):
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_frame_on(False)
+        for ax, rec in zip(row, recs):
+            ax.imshow(data.load_rgb(rec.path))
+            ax.set_title(f"{Path(rec.path).name[:24]} ({rec.width}x{rec.height})", fontsize=7)
+        row[0].set_ylabel(label, fontsize=11)
+    fig.suptitle(f"{cols} random photos per class")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -209,7 +214,7 @@ def summary_markdown(stats: dict) -> str:
         *[f"| {c} | {n} | {100 * n / stats['n_images']:.1f} % | {fmt3(stats['class_mean_rgb'][c])} |"
           for c, n in counts.items()], "",
         "![images per class](class_counts.png)", "",
-        "![one photo per class](samples.png)", "",
+        "![four random photos per class](samples.png)", "",
         "![sizes and formats](sizes.png)", "",
         "![RGB histograms](rgb_histograms.png)", "",
     ]
@@ -250,7 +255,8 @@ def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, prog
 
     rng = np.random.default_rng(seed)
     by_class = {c: [r for r in records if r.label == c] for c in class_names}
-    samples = {c: recs[rng.integers(len(recs))] for c, recs in by_class.items()}
+    samples = {c: [recs[i] for i in sorted(rng.choice(len(recs), min(SAMPLES, len(recs)), replace=False))]
+               for c, recs in by_class.items()}
     counts = {c: len(recs) for c, recs in by_class.items()}
     histograms = rgb_histograms(records, input_size)
     mean, std = data.channel_stats(records, input_size)
@@ -285,7 +291,7 @@ def run_eda(root: Path, output: Path, input_size: int = 224, seed: int = 0, prog
         "near_duplicate_groups": [{"paths": [rel(r.path, root) for r in g], "labels": [r.label for r in g]}
                                   for g in groups],
         "cross_class_groups": sum(len({r.label for r in g}) > 1 for g in groups),
-        "samples": {c: rel(r.path, root) for c, r in samples.items()},
+        "samples": {c: [rel(r.path, root) for r in recs] for c, recs in samples.items()},
         "curation": cured.summary() if cured else None,
         "label_audit": label_audit.run_audit(root, output / "audit", seed=seed, curation=curation, cache=cache,
                                              image_size=input_size, progress=progress) if audit else None,

@@ -85,12 +85,6 @@ def markdown(frame: pd.DataFrame, published: dict, paper_epochs: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 # The report
 
-def mean_history(trials: list[study.Trial]) -> list[dict]:
-    rows = pd.DataFrame([row for t in trials for row in t.history])
-    columns = ["frozen", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
-    return rows.groupby("epoch")[columns].mean().reset_index().to_dict("records")
-
-
 def figures(grid: dict, cells: list[Cell], trials: list[study.Trial], folder: Path) -> list[Path]:
     """The paper's Fig. 9 (confusion matrices of TL, TL+DA, TL+DA+SE side by side, summed over seeds)
     per MobileNet and schedule, and Fig. 7/8 (learning curves, averaged over seeds) per backbone, of
@@ -111,17 +105,21 @@ def figures(grid: dict, cells: list[Cell], trials: list[study.Trial], folder: Pa
                 mean = sum(t.metrics["accuracy"] for t in ts) / len(ts)
                 matrices[f"{ROW_NAMES[row]}: accuracy {mean:.3f} (n={len(ts)})"] = sum(
                     pd.DataFrame(t.metrics["confusion_matrix"]) for t in ts).values.tolist()
+        seeds = sorted({t.config["seed"] for row in panels.values() for t in ok[row]})
         paths.append(folder / f"fig9_confusion_{backbone}_{schedule}.png")
-        reports.confusion_figure(paths[-1], matrices, first["class_names"])
+        pooled = f"Counts summed over the test splits of seeds {', '.join(map(str, seeds))} (pooled; n: seeds each)"
+        reports.confusion_figure(paths[-1], matrices, first["class_names"], pooled if len(seeds) > 1 else "")
     for backbone in dict.fromkeys(c.backbone for c in ok):
         best = max((c for c in ok if c.backbone == backbone),
                    key=lambda c: sum(t.metrics["accuracy"] for t in ok[c]) / len(ok[c]))
         ts = ok[best]
         paths.append(folder / f"learning_curves_{backbone}.png")
-        reports.learning_curves(paths[-1], mean_history(ts), sum(t.metrics["accuracy"] for t in ts) / len(ts),
+        reports.learning_curves(paths[-1], [t.history for t in ts], sum(t.metrics["accuracy"] for t in ts) / len(ts),
                                 f"{MODEL_NAMES[backbone]} {ROW_NAMES.get(best.row, best.row)}, backbone "
                                 f"{schedule_label(ts[0].config['freeze_epochs'], ts[0].config['epochs'])}: "
-                                f"best cell, mean of {len(ts)} seed(s)")
+                                f"best cell, {len(ts)} seed(s)",
+                                [t.metrics["best_epoch"] for t in ts if "best_epoch" in t.metrics],
+                                len(ts[0].metrics["class_names"]))
     return paths
 
 

@@ -14,45 +14,38 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def plot_confusion(ax, matrix, class_names: list[str], title: str, normalize: bool = False):
-    """Counts in the cells; with normalize, coloured by each true class's share (rows sum to 1, a class
-    with no images stays blank) and the share written above the count. Returns the image, for a colour bar."""
+def plot_confusion(ax, matrix, class_names: list[str], title: str):
+    """Colour: the share of each true class (row) predicted as each class, so a small class's errors
+    show as plainly as a large one's; text: the counts. Returns the image, for a colour bar."""
     matrix = np.asarray(matrix)
-    support = matrix.sum(1, keepdims=True)
-    colours = matrix / np.maximum(support, 1) if normalize else matrix
-    image = ax.imshow(colours, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     for (i, j), value in np.ndenumerate(matrix):
-        text = f"{colours[i, j]:.2f}\n{value}" if normalize and support[i, 0] else str(value)
-        ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                color="white" if colours[i, j] > colours.max() / 2 else "black")
+        ax.text(j, i, str(value), ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black",
+                fontsize=8)
     return image
 
 
-def confusion_figure(path: Path, matrices: dict[str, list], class_names: list[str]) -> None:
-    """One or more confusion matrices side by side (the paper's Fig. 9)."""
-    fig, axes = plt.subplots(1, len(matrices), figsize=(5 * len(matrices), 4.6), squeeze=False)
+def confusion_figure(path: Path, matrices: dict[str, list], class_names: list[str], note: str = "") -> None:
+    """One or more confusion matrices side by side (the paper's Fig. 9); note (e.g. that the matrices
+    are summed over seeds) goes under them."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices) + 1.6, 4.8), squeeze=False,
+                             sharey=True, layout="constrained")
     for ax, (title, matrix) in zip(axes[0], matrices.items()):
-        plot_confusion(ax, matrix, class_names, title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def counts_and_shares_figure(path: Path, matrix, class_names: list[str], title: str) -> None:
-    """A confusion matrix twice: counts, and each true class's row normalised to shares (its recall on
-    the diagonal), with a colour bar, so small classes read as clearly as large ones."""
-    fig, (counts, shares) = plt.subplots(1, 2, figsize=(11, 4.8))
-    plot_confusion(counts, matrix, class_names, "counts")
-    fig.colorbar(plot_confusion(shares, matrix, class_names, "share of each true class", normalize=True),
-                 ax=shares, fraction=0.046, pad=0.04)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        image = plot_confusion(ax, matrix, class_names, title)
+        if ax is not axes[0, 0]:
+            ax.set_ylabel("")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the true class (row)")
+    if note:  # one "predicted" for all panels, the note under it
+        for ax in axes[0]:
+            ax.set_xlabel("")
+        fig.supxlabel(f"predicted\n{note}", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -72,28 +65,63 @@ def per_class_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def learning_curves(path: Path, history: list[dict], test_accuracy: float | None, title: str) -> None:
-    """Train/val accuracy and loss per epoch, the test result marked (the paper's Fig. 7/8)."""
-    epochs = [h["epoch"] for h in history]
+def learning_curves(path: Path, histories: list[list[dict]], test_accuracy: float | None, title: str,
+                    best_epochs: list[int], num_classes: int) -> None:
+    """Train/val accuracy and loss per epoch (the paper's Fig. 7/8): of one run, or the mean over seeds
+    with a band from the lowest to the highest seed. Marked: the epoch whose checkpoint was kept (per
+    seed), the backbone-frozen epochs, chance level and the test result."""
+    frame = pd.DataFrame([row for history in histories for row in history]).groupby("epoch")
+    mean, low, high = frame.mean(numeric_only=True), frame.min(numeric_only=True), frame.max(numeric_only=True)
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for split, style in (("train", "-"), ("val", "--")):
-        acc_ax.plot(epochs, [h[f"{split}_accuracy"] for h in history], style, label=split)
-        loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
+    for split, style, colour in (("train", "-", "C0"), ("val", "--", "C1")):
+        for ax, measure in ((acc_ax, "accuracy"), (loss_ax, "loss")):
+            column = f"{split}_{measure}"
+            ax.plot(mean.index, mean[column], style, color=colour,
+                    label=split if len(histories) == 1 else f"{split}, mean of {len(histories)} seeds")
+            if len(histories) > 1:
+                ax.fill_between(mean.index, low[column], high[column], color=colour, alpha=0.15, lw=0)
+    acc_ax.axhline(1 / num_classes, color="grey", ls=":", lw=1, label=f"chance (1/{num_classes})")
     if test_accuracy is not None:
-        acc_ax.axhline(test_accuracy, color="red", lw=0.8, label=f"test {test_accuracy:.3f}")
-    frozen = [h["epoch"] for h in history if h.get("frozen")]
+        acc_ax.axhline(test_accuracy, color="red", lw=0.8,
+                       label=f"test {test_accuracy:.3f}" + (" (mean)" if len(histories) > 1 else ""))
+    frozen = mean.index[mean["frozen"] > 0] if "frozen" in mean else []
     for ax in (acc_ax, loss_ax):
-        if frozen:
+        if len(frozen):
             ax.axvspan(min(frozen) - 0.5, max(frozen) + 0.5, color="grey", alpha=0.12, label="backbone frozen")
+        for i, epoch in enumerate(best_epochs):
+            ax.axvline(epoch, color="green", lw=0.8, ls="-.", alpha=0.7,
+                       label=None if i else ("kept (best val) epoch" + ("s" if len(best_epochs) > 1 else "")))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.legend()
+        ax.legend(fontsize=8)
     acc_ax.set_ylabel("accuracy")
     loss_ax.set_ylabel("loss")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def legible(fig, label_chars: int = 28, fontsize: int = 9) -> None:
+    """Labels a reader can read on a busy figure (Optuna's search plots, for search.search_figures):
+    names shortened to label_chars (both ends kept), slanted x tick labels, and a width of at least
+    1.6 inches per labelled axis, so neighbouring labels do not run into each other."""
+    def short(text: str) -> str:
+        return text if len(text) <= label_chars else text[:label_chars // 2 - 1] + "…" + text[-(label_chars // 2):]
+
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    for ax in axes:
+        ax.set_xlabel(short(ax.get_xlabel()), fontsize=fontsize)
+        ax.set_ylabel(short(ax.get_ylabel()), fontsize=fontsize)
+        texts = [t.get_text() for t in ax.get_xticklabels()]
+        if any(len(t) > label_chars and "$" not in t for t in texts):  # names (not numbers) too long to fit
+            ax.set_xticks(ax.get_xticks(), [short(t) for t in texts])
+        for label in ax.get_xticklabels():
+            label.set(rotation=30, ha="right", fontsize=fontsize - 1)
+        ax.tick_params(axis="y", labelsize=fontsize - 1)
+        ax.title.set_fontsize(fontsize + 1)
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(max(width, 1.6 * len(axes)), height)
 
 
 def write_predictions(path: Path, predictions: list[list], class_names: list[str]) -> None:
@@ -117,7 +145,9 @@ def write_run_report(run_dir: Path, history: list[dict], result: dict, class_nam
     if "confusion_matrix" in result:  # a run that did not evaluate the test split has none
         confusion_figure(run_dir / "confusion_matrix.png", {f"test accuracy {result['accuracy']:.3f}":
                                                             result["confusion_matrix"]}, class_names)
-    learning_curves(run_dir / "learning_curves.png", history, result.get("accuracy"), run_dir.name)
+    best = [result["best_epoch"]] if "best_epoch" in result else []
+    learning_curves(run_dir / "learning_curves.png", [history], result.get("accuracy"), run_dir.name, best,
+                    len(class_names))
 
 
 # ---------------------------------------------------------------------------------------------------

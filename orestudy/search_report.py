@@ -64,6 +64,7 @@ def search_figures(found: optuna.Study, folder: Path, with_importance: bool) -> 
         warnings.simplefilter("ignore", UserWarning)
         for file, plot in figures.items():
             fig = np.ravel(plot(found))[0].figure
+            reports.legible(fig)
             fig.savefig(folder / file, dpi=110, bbox_inches="tight")
             plt.close(fig)
             written.append(folder / file)

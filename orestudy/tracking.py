@@ -1,4 +1,8 @@
-"""Tracking: every run logged to MLflow (params, per-epoch metrics, figures, checkpoint, model).
+"""Tracking: every run logged to MLflow: MLflow's source, user and git-commit tags; the config with
+the device, dtype and threads it resolved to and the library versions as params; per-epoch metrics
+and the headline test metrics (single values such as sizes and the best epoch are params); the split
+as the run's dataset; files, the checkpoint, and the model as a pyfunc that answers photos
+(orestudy/pyfunc_model.py), optionally registered.
 
 The store is an embedded SQLite file beside the runs unless MLFLOW_TRACKING_URI says otherwise, with
 the artifacts beside it in mlartifacts/, whatever folder a command is started from. Browse it with
@@ -8,12 +12,24 @@ A run ends FINISHED, or FAILED (it raised) or KILLED (Ctrl-C; a trial Tune stopp
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sys
+import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import filelock
 import mlflow
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME
+from PIL import Image
+
+from . import data, device as devices, environment
 
 ARTIFACTS = ("config.json", "split.csv", "history.csv", "metrics.json", "predictions.csv", "confusion_matrix.png",
              "learning_curves.png", "best.pt")
@@ -54,8 +70,13 @@ def configure(output: str | Path, experiment: str) -> str:
     return exp.experiment_id
 
 
+# Numbers a run has one of, logged as params so the metric page leads with the per-epoch curves.
+SINGLE_VALUES = ("best_epoch", "wall_seconds", "n_train", "n_val", "n_test", "n_train_samples")
+
+
 def flat_metrics(result: dict) -> dict[str, float]:
-    metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {k: float(v) for k, v in result.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SINGLE_VALUES + ("threads",)}
     for name, scores in result.get("per_class", {}).items():
         metrics.update({f"test_{key}_{name}": float(value) for key, value in scores.items() if key != "support"})
     for key, value in (result.get("curation") or {}).items():  # a curated run's counts
@@ -87,8 +108,9 @@ class Tracker:
     """One MLflow run per experiment run; a no-op when tracking is switched off. As a context manager,
     the run is ended FAILED or KILLED when the block raises."""
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, register: str = ""):
         self.run_id = run_id
+        self.register = register  # the registered model the run's model becomes a version of; '': none
         self.client = mlflow.MlflowClient() if run_id else None
 
     @classmethod
@@ -104,16 +126,19 @@ class Tracker:
             if earlier:
                 try:
                     client.update_run(earlier, status="RUNNING")
-                    return cls(earlier)
+                    return cls(earlier, config.register)
                 except mlflow.exceptions.MlflowException:  # resumed against another store
                     pass
-        tags = {"mlflow.runName": config.run_name(), "run_dir": str(run_dir.resolve())}
+        versions = environment.versions()
+        tags = {"mlflow.runName": config.run_name(), "run_dir": str(run_dir.resolve()), **source_tags(versions)}
         if config.parent_run:
             tags.update({"mlflow.parentRunId": config.parent_run, TRIAL_TAG: trial_identity(config)})
         run = client.create_run(experiment_id, tags=tags)
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v))
-                                                   for k, v in asdict(config).items()])
-        tracker = cls(run.info.run_id)
+        params = {**asdict(config), **resolved(config), **{f"version_{k}": v for k, v in versions.items()}}
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+        if (run_dir / "split.csv").exists():
+            log_split(client, run.info.run_id, run_dir / "split.csv", config)
+        tracker = cls(run.info.run_id, config.register)
         for row in history:
             tracker.log_epoch(row)
         return tracker
@@ -135,14 +160,103 @@ class Tracker:
         if not self.run_id:
             return
         self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0)
-                                                    for k, v in flat_metrics(result).items()])
+                                                    for k, v in flat_metrics(result).items()],
+                              params=[mlflow.entities.Param(k, str(result[k])) for k in SINGLE_VALUES if k in result])
         for name in ARTIFACTS:
             if (run_dir / name).exists():
                 self.client.log_artifact(self.run_id, str(run_dir / name))
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model.cpu(), name="model", serialization_format="pickle",
-                                     pip_requirements=["torch", "torchvision"])
+            log_classifier(model, run_dir, self.register)
         self.client.set_terminated(self.run_id)
+
+
+def source_tags(versions: dict) -> dict[str, str]:
+    """MLflow's own source, user and git commit tags: its guess, with the commit of orestudy's repository
+    (MLflow would look for one around the entry point, which in a Ray worker is Ray's)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = resolve_tags()
+    if sys.argv and sys.argv[0]:
+        entry = Path(sys.argv[0]).resolve()
+        tags[MLFLOW_SOURCE_NAME] = str(entry.relative_to(environment.REPO)) if entry.is_relative_to(environment.REPO) \
+            else str(entry)
+    tags[MLFLOW_GIT_COMMIT] = versions["git_commit"]
+    return tags
+
+
+def resolved(config) -> dict[str, str]:
+    """The device, autocast dtype and thread count 'auto' and 0 stand for, as this process resolves them
+    (training.build_run has just done the same)."""
+    device = devices.pick_device(config.device)
+    dtype = devices.pick_precision(config.precision, device)
+    return {"device_resolved": str(device), "dtype": str(dtype or torch.float32).removeprefix("torch."),
+            "threads_resolved": torch.get_num_threads()}
+
+
+def log_split(client: mlflow.MlflowClient, run_id: str, manifest: Path, config) -> None:
+    """The split manifest (path, content hash, label, split, near-duplicate group) as the run's dataset."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    frame = pd.read_csv(manifest)
+    with warnings.catch_warnings():  # MLflow's hints on ambiguous local sources and integer columns
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()), targets="label",
+                                          name=f"{Path(config.data).name}-seed{config.seed}")
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                     tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run's model: orestudy/pyfunc_model.py over the best checkpoint as TorchScript
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "mlflow")
+
+
+def model_signature(class_names: list[str]) -> ModelSignature:
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
+    outputs = Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
+                      *[ColSpec("double", f"p_{name}") for name in class_names]])
+    return ModelSignature(inputs, outputs)
+
+
+def example_image(run_dir: Path, data_root: str) -> bytes:
+    """A training photo of the run, shrunk, as JPEG bytes: the model's input example."""
+    split = pd.read_csv(run_dir / "split.csv")
+    with Image.open(Path(data_root) / split[split["split"] == "train"]["path"].iloc[0]) as img:
+        img = img.convert("RGB")
+        img.thumbnail((256, 256))
+        out = tempfile.SpooledTemporaryFile()
+        img.save(out, format="JPEG", quality=85)
+    out.seek(0)
+    return out.read()
+
+
+def log_classifier(model: torch.nn.Module, run_dir: Path, register: str = ""):
+    """The best checkpoint (model holds its weights; run_dir its best.pt) as an MLflow pyfunc model that
+    takes photos and answers class names: the network traced to TorchScript (loadable without orestudy's
+    classes) and the preprocessing from the checkpoint. Returns the logged model's info."""
+    meta = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    meta.pop("model")
+    size = meta["input_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        classifier, preprocessing = Path(tmp) / "classifier.pt", Path(tmp) / "preprocessing.json"
+        # TorchScript, deprecated for torch.export, is what loads in any torch of these years; the check
+        # (a second trace) is skipped, as eval mode has no data-dependent branches.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(model.cpu().float().eval(), torch.zeros(2, 3, size, size), check_trace=False)
+        traced.save(str(classifier))
+        preprocessing.write_text(json.dumps({
+            "input_size": size, "base_size": data.base_size(size), "mean": meta["mean"], "std": meta["std"],
+            "class_names": meta["class_names"], "unknown_threshold": meta["best"].get("unknown_threshold")}, indent=1))
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_FILE),
+            artifacts={"classifier": str(classifier), "preprocessing": str(preprocessing)},
+            signature=model_signature(meta["class_names"]),
+            input_example=pd.DataFrame({"image": [example_image(run_dir, meta["config"]["data"])]}),
+            pip_requirements=[f"{p}=={environment.installed(p)}" for p in REQUIREMENTS],
+            registered_model_name=register or None)
 
 
 def current_uri() -> str:

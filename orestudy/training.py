@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data, device as devices, features, models
+from . import data, device as devices, environment, features, models
 from .config import TrainConfig
 from .evaluation import calibration, classification_metrics, evaluate, per_image, test_metrics
 
@@ -339,7 +339,7 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
         "device": str(run.device), "precision": str(run.dtype or "fp32"), "n_train": len(prep.records["train"]),
         "n_val": len(prep.records["val"]), "n_test": len(prep.records["test"]),
         "n_train_samples": len(run.train_samples), "unreadable_files": [asdict(b) for b in prep.bad_files],
-        "run_dir": str(run.run_dir), "predictions": outcomes})
+        "run_dir": str(run.run_dir), "environment": environment.versions(), "predictions": outcomes})
     reports.write_run_report(run.run_dir, progress.history, result, prep.class_names)
     tracker.finish(result, run.run_dir, run.model)
     tested = f"test accuracy {result['accuracy']:.4f} macro-F1 {result['macro_f1']:.4f}" if config.evaluate_test \

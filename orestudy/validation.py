@@ -60,9 +60,9 @@ def write_report(output: Path, metrics: dict) -> list[Path]:
     files = [output / "metrics.json", output / "predictions.csv", output / "confusion_matrix.png"]
     files[0].write_text(json.dumps({k: v for k, v in metrics.items() if k != "predictions"}, indent=2))
     reports.write_predictions(files[1], metrics["predictions"], metrics["class_names"])
-    reports.counts_and_shares_figure(files[2], metrics["confusion_matrix"], metrics["class_names"],
-                                     f"{Path(metrics['data']).name}: accuracy {metrics['accuracy']:.4f}, "
-                                     f"macro-F1 {metrics['macro_f1']:.4f} (n = {metrics['n_images']})")
+    title = (f"{Path(metrics['data']).name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+             f"(n = {metrics['n_images']})")
+    reports.confusion_figure(files[2], {title: metrics["confusion_matrix"]}, metrics["class_names"])
     return files
 
 

@@ -105,8 +105,8 @@ def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
     assert [m.step for m in val_history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "predictions.csv", "confusion_matrix.png", "learning_curves.png", "best.pt"} <= artifacts
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").unwrap_python_model()
+    assert model.predict(None, torch.zeros(1, 3, 64, 64)).filter(like="p_").shape == (1, 3)
 
 
 def test_same_seed_same_run(image_folder, tmp_path):
