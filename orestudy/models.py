@@ -481,6 +481,32 @@ class OreClassifier(nn.Module):
         return self
 
 
+class Ensemble(nn.Module):
+    """Trained models' weighted mean of softmax probabilities, returned as its log so that callers
+    apply softmax as to one model's logits. It takes images at its input size in its normalisation;
+    each member gets them resized to its own size (bilinear, antialiased) in its own normalisation."""
+
+    def __init__(self, members: list[tuple[nn.Module, float, dict]], input_size: int, mean, std):
+        super().__init__()
+        self.members = nn.ModuleList(module for module, _, _ in members)
+        self.weights = [weight for _, weight, _ in members]
+        self.inputs = [(meta["input_size"], torch.tensor(meta["mean"]).view(1, 3, 1, 1),
+                        torch.tensor(meta["std"]).view(1, 3, 1, 1)) for _, _, meta in members]
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x.float() * self.std + self.mean
+        probs = 0
+        for member, weight, (size, mean, std) in zip(self.members, self.weights, self.inputs):
+            y = raw if size == self.input_size else nn.functional.interpolate(
+                raw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            y = (y - mean.to(x.device)) / std.to(x.device)
+            probs = probs + weight * member(y.to(x.dtype)).float().softmax(1)
+        return probs.clamp_min(1e-12).log()
+
+
 def backbone_spec(name: str) -> BackboneSpec:
     entry = registry_entry(name)
     return BackboneSpec(name, entry.input_size, list(entry.mean), list(entry.std), entry.interpolation)

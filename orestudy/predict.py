@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from . import data, device as devices, models
+from . import data, device as devices, ensemble, models
 from .evaluation import infer
 
 UNKNOWN = "unknown"
@@ -59,7 +59,10 @@ def checkpoint_file(source: str) -> Path:
 
 def load_model(source: str, device: torch.device = torch.device("cpu"),
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
-    """(model ready for inference, checkpoint metadata): see models.for_inference."""
+    """(model ready for inference, checkpoint metadata): see models.for_inference. An ensemble's folder
+    (orestudy.ensemble) gives its members' weighted mean."""
+    if ensemble.is_ensemble(source):
+        return ensemble.load_ensemble(source, device, dtype)
     model, meta = models.load_checkpoint(checkpoint_file(source), device)
     return models.for_inference(model, meta["input_size"], device, dtype), meta
 
