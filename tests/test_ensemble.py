@@ -89,8 +89,9 @@ def test_predict_takes_an_ensemble_folder(tmp_path, image_folder):
     assert len(preds) == 10 and all(p.answer in CLASSES + ["unknown"] for p in preds)
     model, meta = predict.load_model(str(folder))
     x = torch.randn(2, 3, 64, 64)
-    members = [predict.load_model(str(run))[0] for run in runs]
+    members = [models.load_checkpoint(run / "best.pt")[0] for run in runs]
     small = torch.nn.functional.interpolate(x * 0.25 + 0.5, size=(48, 48), mode="bilinear", antialias=True)
-    expected = 0.25 * members[0]((small - 0.5) / 0.25).softmax(1) + 0.75 * members[1](x).softmax(1)
-    torch.testing.assert_close(model(x).softmax(1), expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        expected = 0.25 * members[0]((small - 0.5) / 0.25).softmax(1) + 0.75 * members[1](x).softmax(1)
+        torch.testing.assert_close(model(x).softmax(1), expected, rtol=1e-4, atol=1e-5)
     assert meta["input_size"] == 64
