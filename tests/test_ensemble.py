@@ -19,8 +19,9 @@ def fake_run(folder, skill: dict, seed: int, n: int = 30, split_seed: int = 0, c
     splits = ["val" if i % 2 else "test" for i in range(n)]
     labels = rng.integers(0, 3, n)
     folder.mkdir(parents=True)
-    pd.DataFrame({"path": [f"{CLASSES[y]}/{i}.png" for i, y in enumerate(labels)], "sha256": shas,
-                  "label": [CLASSES[y] for y in labels], "split": splits, "group": range(n)}).to_csv(folder / "split.csv", index=False)
+    split = pd.DataFrame({"path": [f"{CLASSES[y]}/{i}.png" for i, y in enumerate(labels)], "sha256": shas,
+                          "label": [CLASSES[y] for y in labels], "split": splits, "group": range(n)})
+    split.to_csv(folder / "split.csv", index=False)
     own = np.random.default_rng(seed)
     rows = []
     for sha, split, y in zip(shas, splits, labels):
@@ -85,7 +86,8 @@ def test_predict_takes_an_ensemble_folder(tmp_path, image_folder):
     spec = json.loads((folder / "ensemble.json").read_text())
     spec["weights"] = [0.25, 0.75]  # both members take part, whatever the fake validation chose
     (folder / "ensemble.json").write_text(json.dumps(spec))
-    preds = predict.main(["--model", str(folder), "--threads", "1", "--precision", "fp32", str(image_folder / "pyrite")])
+    preds = predict.main(["--model", str(folder), "--threads", "1", "--precision", "fp32",
+                          str(image_folder / "pyrite")])
     assert len(preds) == 10 and all(p.answer in CLASSES + ["unknown"] for p in preds)
     model, meta = predict.load_model(str(folder))
     x = torch.randn(2, 3, 64, 64)
