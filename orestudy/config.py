@@ -26,8 +26,9 @@ class Backbones(tuple):
                                               and len(name) > len(TIMM_PREFIX))
 
 
+# The last entry stands for any timm model, so that --help and error messages show it.
 BACKBONES = Backbones(("alexnet", "vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet_v1",
-                       "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"))
+                       "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", f"{TIMM_PREFIX}<name>"))
 ATTENTIONS = ("none", "se", "cbam", "eca")
 REGIMES = {  # the paper's three regimes: ImageNet weights or not, static 5x augmentation or not
     "scratch": {"weights": "none", "static_da": False},
