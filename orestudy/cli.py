@@ -85,6 +85,7 @@ COMMANDS = {
     "compare": "the paired effects table of trial records",
     "audit": "find suspect labels: out-of-fold probabilities and confident learning (cleanlab)",
     "answers": "the guaranteed 'unknown' and prediction sets, checked from trial records",
+    "ensemble": "combine runs of one split, weights chosen on validation, the test split scored once",
 }
 _through_command = False  # set by main: faces then call themselves `orestudy SUB` in their usage lines
 

@@ -14,7 +14,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "minerals"
 DEFAULT_CACHE = Path(os.environ.get("ORESTUDY_CACHE", Path.home() / ".cache" / "orestudy"))
 
-BACKBONES = ("alexnet", "vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet_v1")
+TIMM_PREFIX = "timm/"
+
+
+class Backbones(tuple):
+    """The registered backbones (models.REGISTRY), and any timm/<model name>: timm's name is checked
+    when the model is made, so this module stays free of torch and timm."""
+
+    def __contains__(self, name) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and name.startswith(TIMM_PREFIX)
+                                              and len(name) > len(TIMM_PREFIX))
+
+
+# The last entry stands for any timm model, so that --help and error messages show it.
+BACKBONES = Backbones(("alexnet", "vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet_v1",
+                       "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", f"{TIMM_PREFIX}<name>"))
 ATTENTIONS = ("none", "se", "cbam", "eca")
 REGIMES = {  # the paper's three regimes: ImageNet weights or not, static 5x augmentation or not
     "scratch": {"weights": "none", "static_da": False},
@@ -41,7 +55,8 @@ def option(default, help: str, *, choices=None, role: str = COMPUTES, factory=No
 
 @dataclass
 class TrainConfig:
-    backbone: str = option("mobilenet_v2", "ImageNet backbone the classifier is built on", choices=BACKBONES)
+    backbone: str = option("mobilenet_v2", "ImageNet backbone the classifier is built on; timm/<name>: any timm "
+                                            "model", choices=BACKBONES)
     regime: str = option("tl_da", "scratch: random weights; tl: ImageNet weights; tl_da: ImageNet weights and "
                                   "the paper's static 5x augmentation", choices=tuple(REGIMES))
     attention: str = option("se", "attention block after the backbone's features", choices=ATTENTIONS)

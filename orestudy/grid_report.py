@@ -12,13 +12,14 @@ from . import effects, reports, stats, study
 from .grid import Cell, belongs, frozen_epochs
 
 MODEL_NAMES = {"alexnet": "AlexNet", "vgg16": "VGG16", "resnet50": "ResNet50", "inception_v3": "InceptionV3",
-               "mobilenet_v2": "MobileNetV2", "mobilenet_v1": "MobileNet V1"}
+               "mobilenet_v2": "MobileNetV2", "mobilenet_v1": "MobileNet V1", "efficientnet_lite0": "EfficientNet-Lite0",
+               "efficientnet_lite1": "EfficientNet-Lite1", "efficientnet_lite2": "EfficientNet-Lite2"}
 ROW_NAMES = {"scratch": "Scratch", "tl": "TL", "tl_da": "TL+DA", "tl_da_se": "TL+DA+SE"}
 
 
 def published_value(published: dict, source: str, cell: Cell) -> float | None:
     """A source's number for a cell; an entry that names a schedule wins over one that does not."""
-    model = published["models"][cell.backbone]
+    model = published["models"].get(cell.backbone)  # None: a backbone no source used
     matches = [r for r in published["results"] if r["model"] == model and r["regime"] == cell.regime
                and r.get("attention", "none") == cell.attention and r.get(source) is not None
                and r.get("schedule", cell.schedule) == cell.schedule]
@@ -59,7 +60,7 @@ def study_tables(grid: dict, published: dict, cells: list[Cell], trials: list[st
         rows = []
         for cell in (c for c in cells if c.table == table):
             mine = [t for t in trials if belongs(t.config, cell, grid)]
-            rows.append({"model": MODEL_NAMES[cell.backbone], "backbone": cell.backbone,
+            rows.append({"model": MODEL_NAMES.get(cell.backbone, cell.backbone), "backbone": cell.backbone,
                          "regime": ROW_NAMES.get(cell.row, cell.row), "schedule": cell.schedule,
                          "backbone_training": schedule_label(frozen_epochs(grid, cell.schedule, epochs), epochs),
                          "epochs": epochs,
@@ -72,7 +73,7 @@ def study_tables(grid: dict, published: dict, cells: list[Cell], trials: list[st
 def markdown(frame: pd.DataFrame, published: dict, paper_epochs: int) -> str:
     shown = pd.DataFrame({"Model": frame["model"], "Regime": frame["regime"], "Backbone": frame["backbone_training"]})
     for source, spec in published["sources"].items():
-        other = [spec.get("measured_with", {}).get(published["models"][b], b) != b for b in frame["backbone"]]
+        other = [spec.get("measured_with", {}).get(published["models"].get(b), b) != b for b in frame["backbone"]]
         shown[spec["column"]] = ["–" if pd.isna(v) else f"{v:.4f}" + "†" * o for v, o in zip(frame[source], other)]
     shown["orestudy: test accuracy, mean ± std"] = [formatted(r) for r in frame.to_dict("records")]
     shown["orestudy: macro-F1"] = frame.get("macro_f1", pd.Series(index=frame.index)).map(

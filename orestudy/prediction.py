@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import data, models
+from . import data, ensemble, models
 from .evaluation import NO_ANSWER, infer, prediction_sets
 
 UNKNOWN = "unknown"
@@ -53,7 +53,10 @@ def checkpoint_file(source: str) -> Path:
 
 def load_model(source: str, device: torch.device = torch.device("cpu"),
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
-    """(model ready for inference, checkpoint metadata): see models.for_inference."""
+    """(model ready for inference, checkpoint metadata): see models.for_inference. An ensemble's folder
+    (orestudy.ensemble) gives its members' weighted mean."""
+    if ensemble.is_ensemble(source):
+        return ensemble.load_ensemble(source, device, dtype)
     path = checkpoint_file(source)
     try:
         model, meta = models.load_checkpoint(path, device)

@@ -1,0 +1,176 @@
+"""Ensembles of trained runs: the weighted mean of their softmax probabilities.
+
+    python -m orestudy.ensemble runs/A runs/B runs/C --output runs/ensemble_ABC
+
+The members must share one split (the same data and split seed); they are refused otherwise. Their
+weights are chosen on the validation split alone, by greedy forward selection with replacement
+(Caruana et al. 2004, "Ensemble selection from libraries of models"): each round adds the member
+that makes the running mean most accurate, and the best round's counts are the weights. Then the test
+split is scored once. Every run's predictions.csv holds its per-image validation and test
+probabilities, so nothing is recomputed. The output folder is a model that `predict --model` takes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from . import cli
+
+ROUNDS_PER_MEMBER = 5  # Caruana's selection runs a fixed number of rounds; ties keep the smaller ensemble
+
+
+def read_member(run_dir: Path) -> dict:
+    import pandas as pd
+
+    missing = [n for n in ("split.csv", "predictions.csv", "config.json", "best.pt") if not (run_dir / n).is_file()]
+    if missing:
+        raise ValueError(f"{run_dir}: not a finished run folder (no {', '.join(missing)})")
+    split = pd.read_csv(run_dir / "split.csv")
+    predictions = pd.read_csv(run_dir / "predictions.csv").set_index("sha256")
+    classes = [c[len("p_"):] for c in predictions.columns if c.startswith("p_")]
+    return {"dir": run_dir, "split": frozenset(zip(split.sha256, split.split, split.label)),
+            "predictions": predictions, "classes": classes,
+            "config": json.loads((run_dir / "config.json").read_text())}
+
+
+def check_members(members: list[dict]) -> None:
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least two runs")
+    first = members[0]
+    other_split = [str(m["dir"]) for m in members[1:] if m["split"] != first["split"]]
+    if other_split:
+        raise ValueError(f"not on the split of {first['dir']}: {', '.join(other_split)} (an ensemble's members "
+                         f"must share one split: the same data and seed)")
+    other_classes = [str(m["dir"]) for m in members[1:] if m["classes"] != first["classes"]]
+    if other_classes:
+        raise ValueError(f"other classes than {first['dir']}'s {first['classes']}: {', '.join(other_classes)}")
+    untested = [str(m["dir"]) for m in members if not (m["predictions"]["split"] == "test").any()]
+    if untested:
+        raise ValueError(f"no test predictions (a search trial?): {', '.join(untested)}")
+
+
+def split_probabilities(members: list[dict], split: str):
+    """(probabilities (members, images, classes), labels, image hashes) of one split, in the first member's order."""
+    import numpy as np
+
+    rows = members[0]["predictions"]
+    shas = list(rows.index[rows["split"] == split])
+    columns = [f"p_{c}" for c in members[0]["classes"]]
+    probs = np.stack([m["predictions"].loc[shas, columns].to_numpy(float) for m in members])
+    labels = rows.loc[shas, "label"].map(members[0]["classes"].index).to_numpy()
+    return probs, labels, shas
+
+
+def combined(probs, weights, labels):
+    """The ensemble's evaluation.Evaluation: its weighted mean probabilities scored against labels."""
+    import numpy as np
+
+    from .evaluation import Evaluation
+
+    mean = np.tensordot(weights, probs, axes=1)
+    predictions = mean.argmax(1)
+    loss = float(-np.log(mean[np.arange(len(labels)), labels] + 1e-12).mean())
+    return Evaluation(loss, float((predictions == labels).mean()), labels, predictions, mean)
+
+
+def caruana_weights(val_probs, val_labels, rounds: int):
+    """Greedy forward selection with replacement on validation: each round adds the member that gives
+    the running mean the best (accuracy, -log loss), the earlier member on a tie; the weights are the
+    counts of the best round (the earliest, i.e. smallest ensemble, on a tie)."""
+    import numpy as np
+
+    counts, history = np.zeros(len(val_probs)), []
+    for _ in range(rounds):
+        def score(m):
+            trial = counts.copy()
+            trial[m] += 1
+            ev = combined(val_probs, trial / trial.sum(), val_labels)
+            return ev.accuracy, -ev.loss
+        scores = [score(m) for m in range(len(val_probs))]
+        best = max(range(len(scores)), key=lambda m: (scores[m], -m))
+        counts[best] += 1
+        history.append((scores[best], counts.copy()))
+    chosen = max(range(rounds), key=lambda r: (history[r][0], -r))
+    return history[chosen][1] / history[chosen][1].sum()
+
+
+def build_ensemble(run_dirs: list[str | Path], output: str | Path) -> dict:
+    """Choose the weights on validation, score the test split once, and write the ensemble folder."""
+    from . import reports
+    from .config import defaults
+    from .evaluation import calibration, per_image, test_metrics
+
+    members = [read_member(Path(d)) for d in run_dirs]
+    check_members(members)
+    classes = members[0]["classes"]
+    val_probs, val_labels, val_shas = split_probabilities(members, "val")
+    weights = caruana_weights(val_probs, val_labels, ROUNDS_PER_MEMBER * len(members))
+    val = combined(val_probs, weights, val_labels)
+    config = {**defaults(), **members[0]["config"]}  # the guarantee and sets the members were run with
+    calibrated = calibration(val.probabilities, val.labels, config["unknown_target_error"], config["unknown_delta"])
+    test_probs, test_labels, test_shas = split_probabilities(members, "test")  # the weights are fixed by now
+    test = combined(test_probs, weights, test_labels)
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    result = test_metrics(test, classes, calibrated, config["set_coverage"])
+    result.update({"best_val_accuracy": val.accuracy, "val_loss": val.loss, "n_val": len(val_labels),
+                   "n_test": len(test_labels), "run_dir": str(output)})
+    spec = {"members": [os.path.relpath(m["dir"].resolve(), output.resolve()) for m in members],
+            "weights": weights.round(6).tolist(), "selection": "caruana2004 greedy with replacement, on validation",
+            **calibrated, "class_names": classes,
+            "val_accuracy": val.accuracy, "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"]}
+    (output / "ensemble.json").write_text(json.dumps(spec, indent=2))
+    (output / "metrics.json").write_text(json.dumps(result, indent=2))
+    shutil.copyfile(members[0]["dir"] / "split.csv", output / "split.csv")
+    images = lambda shas: [SimpleNamespace(sha256=sha) for sha in shas]  # per_image takes records
+    outcomes = per_image("val", images(val_shas), val) + per_image("test", images(test_shas), test)
+    reports.write_predictions(output / "predictions.csv", outcomes, classes)
+    return {**spec, "metrics": result}
+
+
+def is_ensemble(source: str | Path) -> bool:
+    return (Path(source) / "ensemble.json").is_file()
+
+
+def load_ensemble(folder: str | Path, device, dtype):
+    """(models.Ensemble ready for inference, metadata in a checkpoint's shape) for predict."""
+    from . import models
+
+    folder = Path(folder)
+    spec = json.loads((folder / "ensemble.json").read_text())
+    members = []
+    for path, weight in zip(spec["members"], spec["weights"]):
+        if weight > 0:
+            model, meta = models.load_checkpoint(folder / path / "best.pt", device)
+            members.append((models.for_inference(model, meta["input_size"], device, dtype), weight, meta))
+    largest = max((meta for _, _, meta in members), key=lambda meta: meta["input_size"])
+    meta = {"backbone": "ensemble", "class_names": spec["class_names"], "input_size": largest["input_size"],
+            "mean": largest["mean"], "std": largest["std"], "members": spec["members"], "weights": spec["weights"],
+            "best": {k: spec[k] for k in ("unknown_threshold", "unknown_target_error", "unknown_delta",
+                                          "unknown_error_bound", "conformal_scores")}}
+    return models.Ensemble(members, meta["input_size"], meta["mean"], meta["std"]).to(device).eval(), meta
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog=cli.prog("ensemble"), description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders on one split")
+    parser.add_argument("--output", required=True, type=Path, help="the ensemble's folder")
+    args = parser.parse_args(argv)
+    try:
+        spec = build_ensemble(args.runs, args.output)
+    except ValueError as err:
+        parser.error(str(err))
+    weights = ", ".join(f"{m} {w:.2f}" for m, w in zip(spec["members"], spec["weights"]) if w > 0)
+    print(f"weights (chosen on validation): {weights}\nvalidation accuracy {spec['val_accuracy']:.4f}, test accuracy "
+          f"{spec['test_accuracy']:.4f}, macro-F1 {spec['test_macro_f1']:.4f} -> {args.output}", file=sys.stderr)
+    return spec
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Ensembles of runs: one split only, weights from validation only, a folder predict takes as a model."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from orestudy import ensemble, models, predict
+
+CLASSES = ["azurite", "malachite", "pyrite"]
+
+
+def fake_run(folder, skill: dict, seed: int, n: int = 30, split_seed: int = 0, checkpoint=None):
+    """A finished run folder from its per-image probabilities alone: skill[split] is how often its top-1
+    is right. best.pt is a placeholder unless a checkpoint is given."""
+    rng = np.random.default_rng(split_seed)
+    shas = [f"{split_seed:02d}{i:062d}" for i in range(n)]
+    splits = ["val" if i % 2 else "test" for i in range(n)]
+    labels = rng.integers(0, 3, n)
+    folder.mkdir(parents=True)
+    split = pd.DataFrame({"path": [f"{CLASSES[y]}/{i}.png" for i, y in enumerate(labels)], "sha256": shas,
+                          "label": [CLASSES[y] for y in labels], "split": splits, "group": range(n)})
+    split.to_csv(folder / "split.csv", index=False)
+    own = np.random.default_rng(seed)
+    rows = []
+    for sha, split, y in zip(shas, splits, labels):
+        top = y if own.random() < skill[split] else (y + 1) % 3
+        probs = np.full(3, 0.1)
+        probs[top] = 0.8
+        rows.append([split, sha, CLASSES[y], CLASSES[top], 0.8, *probs])
+    pd.DataFrame(rows, columns=["split", "sha256", "label", "predicted", "confidence", *(f"p_{c}" for c in CLASSES)]
+                 ).to_csv(folder / "predictions.csv", index=False)
+    (folder / "config.json").write_text(json.dumps({"unknown_target_error": 0.05}))
+    if checkpoint is None:
+        (folder / "best.pt").write_bytes(b"")
+    else:
+        checkpoint(folder / "best.pt")
+    return folder
+
+
+def test_members_on_another_split_are_refused_by_name(tmp_path):
+    a = fake_run(tmp_path / "a", {"val": 0.8, "test": 0.8}, seed=1)
+    b = fake_run(tmp_path / "b", {"val": 0.8, "test": 0.8}, seed=2)
+    c = fake_run(tmp_path / "c", {"val": 0.8, "test": 0.8}, seed=3, split_seed=7)
+    with pytest.raises(ValueError, match=r"not on the split of .*a: .*c \("):
+        ensemble.build_ensemble([a, b, c], tmp_path / "ens")
+    assert not (tmp_path / "ens").exists()
+
+
+def test_weights_come_from_validation_alone(tmp_path):
+    """The member best on validation dominates; poisoning every test label and probability changes the
+    test score but not the weights or anything else chosen on validation."""
+    runs = [fake_run(tmp_path / "good", {"val": 0.95, "test": 0.5}, seed=1),
+            fake_run(tmp_path / "fair", {"val": 0.7, "test": 0.9}, seed=2),
+            fake_run(tmp_path / "poor", {"val": 0.4, "test": 0.9}, seed=3)]
+    clean = ensemble.build_ensemble(runs, tmp_path / "clean")
+    assert np.argmax(clean["weights"]) == 0 and sum(clean["weights"]) == pytest.approx(1)
+    for run in runs:
+        frame = pd.read_csv(run / "predictions.csv")
+        test = frame["split"] == "test"
+        frame.loc[test, "label"] = np.random.default_rng(0).permutation(frame.loc[test, "label"].to_numpy())
+        frame.loc[test, [f"p_{c}" for c in CLASSES]] = frame.loc[test, [f"p_{c}" for c in CLASSES]].to_numpy()[::-1]
+        frame.to_csv(run / "predictions.csv", index=False)
+    poisoned = ensemble.build_ensemble(runs, tmp_path / "poisoned")
+    for key in ("weights", "val_accuracy", "unknown_threshold"):
+        assert poisoned[key] == clean[key]
+    assert poisoned["test_accuracy"] != clean["test_accuracy"]
+    metrics = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert metrics["accuracy"] == clean["test_accuracy"] and metrics["n_val"] == metrics["n_test"] == 15
+
+
+def test_predict_takes_an_ensemble_folder(tmp_path, image_folder):
+    """predict --model ENSEMBLE_DIR: members of different input sizes, their weighted mean."""
+    def checkpoint(size):
+        def save(path):
+            torch.manual_seed(size)
+            model = models.create_model("timm/mobilenetv3_small_050", 3, weights="none").eval()
+            config = {"attention": "none", "reduction": 8, "dropout": 0.5}
+            models.save_checkpoint(path, model, CLASSES, size, [0.5] * 3, [0.25] * 3, config, {})
+        return save
+    runs = [fake_run(tmp_path / f"m{size}", {"val": 0.9, "test": 0.9}, seed=size, checkpoint=checkpoint(size))
+            for size in (48, 64)]
+    folder = tmp_path / "ens"
+    ensemble.build_ensemble(runs, folder)
+    spec = json.loads((folder / "ensemble.json").read_text())
+    spec["weights"] = [0.25, 0.75]  # both members take part, whatever the fake validation chose
+    (folder / "ensemble.json").write_text(json.dumps(spec))
+    preds = predict.main(["--model", str(folder), "--threads", "1", "--precision", "fp32",
+                          str(image_folder / "pyrite")])
+    assert len(preds) == 10 and all(p.answer in CLASSES + ["unknown"] for p in preds)
+    model, meta = predict.load_model(str(folder))
+    x = torch.randn(2, 3, 64, 64)
+    members = [models.load_checkpoint(run / "best.pt")[0] for run in runs]
+    small = torch.nn.functional.interpolate(x * 0.25 + 0.5, size=(48, 48), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        expected = 0.25 * members[0]((small - 0.5) / 0.25).softmax(1) + 0.75 * members[1](x).softmax(1)
+        torch.testing.assert_close(model(x).softmax(1), expected, rtol=1e-4, atol=1e-5)
+    assert meta["input_size"] == 64
