@@ -148,7 +148,8 @@ class TrainConfig:
     def run_name(self) -> str:
         att = "" if self.attention == "none" else f"_{self.attention}{self.reduction}"
         cv = "" if self.folds == 1 else f"_cv{self.folds}"
-        name = self.name or f"{self.backbone}_{self.regime}{att}_f{self.freeze_epochs}_e{self.epochs}_s{self.seed}{cv}"
+        backbone = self.backbone.replace("/", "-")  # timm/<name>: one folder, not two
+        name = self.name or f"{backbone}_{self.regime}{att}_f{self.freeze_epochs}_e{self.epochs}_s{self.seed}{cv}"
         return name if self.folds == 1 or self.fold < 0 else f"{name}-fold{self.fold}"
 
     def fold_configs(self) -> list["TrainConfig"]:

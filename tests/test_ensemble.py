@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from orestudy import ensemble, models, predict
+from orestudy import ensemble, models, predict, prediction
 
 CLASSES = ["azurite", "malachite", "pyrite"]
 
@@ -89,7 +89,7 @@ def test_predict_takes_an_ensemble_folder(tmp_path, image_folder):
     preds = predict.main(["--model", str(folder), "--threads", "1", "--precision", "fp32",
                           str(image_folder / "pyrite")])
     assert len(preds) == 10 and all(p.answer in CLASSES + ["unknown"] for p in preds)
-    model, meta = predict.load_model(str(folder))
+    model, meta = prediction.load_model(str(folder))
     x = torch.randn(2, 3, 64, 64)
     members = [models.load_checkpoint(run / "best.pt")[0] for run in runs]
     small = torch.nn.functional.interpolate(x * 0.25 + 0.5, size=(48, 48), mode="bilinear", antialias=True)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from orestudy import config, data, environment, predict, training
+from orestudy import config, data, environment, predict, prediction, training
 from conftest import COLOURS, make_image, png_folder
 
 
@@ -66,16 +66,16 @@ def test_pyfunc_answers_as_predict_does(logged, tmp_path):
     make_image((200, 180, 60), 7).convert("RGBA").save(rgba)
     paths.append(str(rgba))
     frame = model.predict(pd.DataFrame({"image": [open(p, "rb").read() for p in paths]}))
-    net, meta = predict.load_model(str(run_dir))
-    expected = list(predict.predict(net, meta, paths, predict.unknown_threshold(meta, "")))
+    net, meta = prediction.load_model(str(run_dir))
+    expected = list(prediction.predict(net, meta, paths, prediction.unknown_threshold(meta, "")))
     names = meta["class_names"]
     np.testing.assert_allclose(frame[[f"p_{c}" for c in names]].to_numpy(),
-                               [[dict(p.top)[c] for c in names] for p in predict.predict(net, meta, paths, None, 9)],
+                               [[dict(p.top)[c] for c in names] for p in prediction.predict(net, meta, paths, None, 9)],
                                atol=1e-5)
     assert list(frame["class"]) == [p.answer for p in expected]
     np.testing.assert_allclose(frame["probability"], [p.confidence for p in expected], atol=1e-5)
     assert model.predict(pd.DataFrame({"path": paths}))["class"].tolist() == frame["class"].tolist()
-    tensor = data.normalize(torch.stack([predict.eval_input(p, 64) for p in paths]), meta["mean"], meta["std"])
+    tensor = data.normalize(torch.stack([prediction.eval_input(p, 64) for p in paths]), meta["mean"], meta["std"])
     np.testing.assert_allclose(model.unwrap_python_model().predict(None, tensor)["probability"], frame["probability"],
                                atol=1e-5)
     with pytest.raises(ValueError, match="row 1: not a readable image"):

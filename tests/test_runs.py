@@ -146,8 +146,8 @@ def test_artifacts_live_beside_the_store_whatever_the_working_folder(tmp_path, m
 
 
 def test_patience_stops_early_and_is_recorded(image_folder, tmp_path):
-    # Frozen backbone, learning rate 0: validation accuracy never improves on its first epoch.
-    config = tiny_config(image_folder, tmp_path, epochs=6, freeze_epochs=6, lr=0.0, patience=2)
+    # Frozen backbone, learning rate 1e-12 (0 is refused): validation accuracy never improves on epoch 1.
+    config = tiny_config(image_folder, tmp_path, epochs=6, freeze_epochs=6, lr=1e-12, patience=2)
     rows = []
     result = training.run_experiment(config, report=lambda row, state: rows.append(row["epoch"]))
     assert rows == [1, 2, 3] and result["epochs_run"] == 3 and result["best_epoch"] == 1
@@ -157,7 +157,7 @@ def test_patience_stops_early_and_is_recorded(image_folder, tmp_path):
 
 def test_committed_records_are_still_reused_with_the_new_fields():
     record = study.read_records(REPO_ROOT / "docs" / "results" / "mobilenet_seeds" / "trials.jsonl")[0]
-    assert "patience" not in record["config"]
-    config = {**record["config"], "patience": 0, "exist_ok": True, "data": "/here"}
-    assert study.reusable([config], [record], record["dataset"])[0] == []
-    assert study.reusable([{**config, "patience": 3}], [record], record["dataset"])[0] != []
+    assert "patience" not in record.config
+    config = {**record.config, "patience": 0, "exist_ok": True, "data": "/here"}
+    assert study.reusable([config], [record], record.dataset)[0] == []
+    assert study.reusable([{**config, "patience": 3}], [record], record.dataset)[0] != []
