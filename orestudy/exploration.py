@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config, data, label_audit
+from . import data, label_audit
 from .reports import plt  # matplotlib with the Agg backend: files only
 
 CHANNELS = ("red", "green", "blue")

@@ -18,15 +18,12 @@ get a row with the error.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
 from . import cli
 
 
-def main(argv: list[str] | None = None) -> list:
-    """prediction.Prediction per file, in order."""
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=cli.prog("predict"), description=__doc__,
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (read recursively)")
@@ -47,6 +44,12 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with native bf16")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores this process may use")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list:
+    """prediction.Prediction per file, in order."""
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")
@@ -54,51 +57,13 @@ def main(argv: list[str] | None = None) -> list:
         parser.error(f"--output must end in .csv or .json, got {args.output}")
     if args.coverage is not None and not 0.0 < args.coverage < 1.0:
         parser.error(f"--coverage must be in (0, 1), got {args.coverage}")
-    from tqdm import tqdm
+    from .prediction import CheckpointError, predict_files
 
-    from . import device as devices
-    from .prediction import (CheckpointError, calibration_scores, list_images, load_model, predict, summary_line,
-                             table_line, unknown_threshold, write_output)
-
-    if args.model.startswith(("runs:/", "models:/")):
-        from . import tracking
-
-        tracking.use_store(args.runs)
-
-    devices.set_threads(args.threads)
-    device = devices.pick_device(args.device)
-    dtype = devices.pick_precision(args.precision, device)
     try:
-        model, meta = load_model(args.model, device, dtype)
-    except (FileNotFoundError, CheckpointError) as err:
+        return predict_files(args.model, args.images, args.top_k, args.tta, args.coverage, args.batch_size,
+                             args.output, args.runs, args.device, args.precision, args.threads)
+    except (FileNotFoundError, CheckpointError, ValueError) as err:  # a bad --model: one line
         parser.error(str(err))
-    threshold = unknown_threshold(meta, args.model)
-    try:
-        scores = calibration_scores(meta, args.model) if args.coverage else None
-    except ValueError as err:
-        parser.error(str(err))
-    paths = list_images(args.images)
-    k = min(args.top_k, len(meta["class_names"]))
-    width = min(60, max([len(p) for p in paths] + [4]))
-
-    print(f"{'file':<{width}}  {'answer':<14} top {k} (probability)"
-          + (f"   set ({args.coverage:g} coverage)" if args.coverage else ""))
-    started = time.time()
-    preds = []
-    stream = predict(model, meta, paths, threshold, k, args.tta, args.batch_size, device, dtype, scores, args.coverage)
-    for pred in tqdm(stream, total=len(paths), unit="image", disable=not sys.stderr.isatty()):
-        tqdm.write(table_line(pred, width))  # keeps the table and the bar apart on a terminal
-        preds.append(pred)
-    if args.output is not None:
-        header = {"model": args.model, "classes": meta["class_names"], "input_size": meta["input_size"],
-                  "mean": meta["mean"], "std": meta["std"], "unknown_threshold": threshold,
-                  **{key: meta["best"].get(key) for key in ("unknown_target_error", "unknown_delta",
-                                                             "unknown_error_bound")},
-                  "coverage": args.coverage, "tta": args.tta}
-        write_output(args.output, preds, k, header, sets=args.coverage is not None)
-    print(summary_line(preds, threshold, args.coverage, time.time() - started)
-          + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
-    return preds
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,3 +210,44 @@ def summary_line(preds: list[Prediction], threshold: float | None, coverage: flo
         rule += f"; mean set size {np.mean(sizes) if sizes else 0:.2f} at coverage {coverage:g}"
     return (f"{len(preds)} files: {len(preds) - unreadable - unknown} named, {unknown} unknown ({rule}), "
             f"{unreadable} unreadable; {len(preds) / max(seconds, 1e-9):.1f} images/s")
+
+
+def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool = False, coverage: float | None = None,
+                  batch_size: int = 32, output: Path | None = None, runs: str = "runs", device: str = "auto",
+                  precision: str = "auto", threads: int = 0) -> list[Prediction]:
+    """`orestudy predict`: the model at source on every image under inputs, as a table on the terminal
+    (and a CSV or JSON file at output), with a summary line. Raises FileNotFoundError, CheckpointError
+    or ValueError for a model it cannot use."""
+    from tqdm import tqdm
+
+    from . import device as devices
+
+    if source.startswith(("runs:/", "models:/")):
+        from . import tracking
+
+        tracking.use_store(runs)
+    devices.set_threads(threads)
+    torch_device = devices.pick_device(device)
+    dtype = devices.pick_precision(precision, torch_device)
+    model, meta = load_model(source, torch_device, dtype)
+    threshold = unknown_threshold(meta, source)
+    scores = calibration_scores(meta, source) if coverage else None
+    paths = list_images(inputs)
+    k = min(top_k, len(meta["class_names"]))
+    width = min(60, max([len(p) for p in paths] + [4]))
+    print(f"{'file':<{width}}  {'answer':<14} top {k} (probability)" + (f"   set ({coverage:g} coverage)" if coverage else ""))
+    started, preds = time.time(), []
+    stream = predict(model, meta, paths, threshold, k, tta, batch_size, torch_device, dtype, scores, coverage)
+    for pred in tqdm(stream, total=len(paths), unit="image", disable=not sys.stderr.isatty()):
+        tqdm.write(table_line(pred, width))  # keeps the table and the bar apart on a terminal
+        preds.append(pred)
+    if output is not None:
+        header = {"model": source, "classes": meta["class_names"], "input_size": meta["input_size"],
+                  "mean": meta["mean"], "std": meta["std"], "unknown_threshold": threshold,
+                  **{key: meta["best"].get(key) for key in ("unknown_target_error", "unknown_delta", "unknown_error_bound")},
+                  "coverage": coverage, "tta": tta}
+        write_output(output, preds, k, header, sets=coverage is not None)
+    print(summary_line(preds, threshold, coverage, time.time() - started) + (f" -> {output}" if output else ""),
+          file=sys.stderr)
+    return preds
+

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from orestudy import config, data, environment, predict, prediction, training
+from orestudy import config, data, environment, prediction, training
 from conftest import COLOURS, make_image, png_folder
 
 
