@@ -166,7 +166,9 @@ def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
     if run_dir is None:
         run_dir = claim_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data.write_json_atomic(run_dir / "config.json", asdict(config), indent=2)
+    # The config, and the versions and commit it ran with (metrics.json and MLflow repeat them).
+    data.write_json_atomic(run_dir / "config.json", {**asdict(config), "environment": environment.versions()},
+                           indent=2)
     progress = config.progress and sys.stderr.isatty()
 
     prep = prepare_data(config, run_dir, progress)
@@ -404,8 +406,8 @@ def resumable(run_dir: str | Path, **where) -> tuple[TrainConfig, dict]:
         raise FileNotFoundError(f"{run_dir / LAST} not found: the run finished no epoch, or is no run folder")
     saved = run_dir / "config.json"
     # Its MLflow store and split manifests are beside it, wherever this is started from.
-    config = TrainConfig.from_dict({**json.loads(saved.read_text()), **where, "output": str(run_dir.parent)},
-                                   source=str(saved))
+    saved_config = {k: v for k, v in json.loads(saved.read_text()).items() if k != "environment"}
+    config = TrainConfig.from_dict({**saved_config, **where, "output": str(run_dir.parent)}, source=str(saved))
     return config, {**torch.load(run_dir / LAST, map_location="cpu"), "run_dir": str(run_dir)}
 
 

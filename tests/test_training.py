@@ -87,6 +87,8 @@ def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
                  "learning_curves.png", "best.pt"):
         assert (run_dir / name).exists(), name
     assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] == result["accuracy"]
+    saved = json.loads((run_dir / "config.json").read_text())  # the config, and what it ran with
+    assert saved["epochs"] == config.epochs and saved["environment"]["torch"] == torch.__version__.split("+")[0]
     # Per-image outcomes of the best checkpoint, validation and test, keyed by image content.
     per_image = pd.read_csv(run_dir / "predictions.csv")
     assert sorted(per_image["split"].value_counts().items()) == [("test", result["n_test"]), ("val", result["n_val"])]
