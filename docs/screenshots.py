@@ -64,7 +64,10 @@ def serve(store: str, port: int) -> subprocess.Popen:
 def screenshot(chromium: str, url: str, path: Path, size: str, wait_ms: int) -> None:
     """wait_ms 0: a shot at the load event, which only warms the server (a first visit under virtual time
     can stall while the server sends the UI's scripts for the first time)."""
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+    # The metric charts are drawn with WebGL: without a GPU, Chromium's software GL (SwiftShader) draws them;
+    # with --disable-gpu they stay spinners.
+    subprocess.run([chromium, "--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                    "--hide-scrollbars",
                     f"--window-size={size}", *([f"--virtual-time-budget={wait_ms}"] if wait_ms else []),
                     f"--screenshot={path}", url], check=True, capture_output=True, timeout=180)
 
