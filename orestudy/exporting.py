@@ -40,7 +40,8 @@ def preprocessing(meta: dict, fmt: str, file: Path) -> dict:
         "output": {"name": "probabilities", "shape": ["batch", len(meta["class_names"])],
                    "meaning": "softmax probabilities (not logits) over class_names, in that order"},
         "preprocessing": [
-            "decode as RGB; an alpha channel is composited on white, palette and grey images become RGB",
+            "decode as RGB turned by its EXIF orientation (16-bit and float grey scaled to 8 bits); an alpha "
+            "channel is composited on white, palette and grey images become RGB",
             f"resize the shorter side to {data.base_size(size)} px, aspect ratio kept (bilinear, antialiased)",
             f"centre crop {size} x {size}",
             "scale the 0-255 values to [0, 1] (divide by 255)",

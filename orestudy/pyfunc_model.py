@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 UNKNOWN = "unknown"
@@ -31,11 +31,22 @@ BATCH = 32  # images decoded at a time, so a large frame never holds every image
 # The preprocessing of orestudy's validation view (data.load_rgb, decode_base, eval_view, normalize),
 # restated here because this file must not import orestudy; tests/test_mlflow_model.py checks the two
 # give the same probabilities.
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grey scaled to 8 bits (>> 8), float grey from [0, 1], as data.to_8bit."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        return Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+    if img.mode == "F":
+        return Image.fromarray(np.round(np.clip(np.asarray(img), 0.0, 1.0) * 255).astype(np.uint8))
+    return img
+
+
 def load_rgb(source) -> Image.Image:
-    """Any image PIL reads, as RGB; alpha is composited on white."""
+    """Any image PIL reads, as RGB, the way a viewer shows it: turned by its EXIF orientation, 16-bit and
+    float scaled to 8 bits, alpha composited on white."""
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
         img.load()
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = to_8bit(ImageOps.exif_transpose(img))
+        if img.mode in ("RGBA", "RGBa", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, img).convert("RGB")

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from orestudy import config, data, environment, prediction, training
 from conftest import COLOURS, make_image, png_folder
@@ -64,7 +65,12 @@ def test_pyfunc_answers_as_predict_does(logged, tmp_path):
     paths = [str(p) for p in sorted(folder.rglob("*.png"))[::7]]
     rgba = tmp_path / "rgba.png"  # alpha is composited on white in both
     make_image((200, 180, 60), 7).convert("RGBA").save(rgba)
-    paths.append(str(rgba))
+    turned, deep = tmp_path / "turned.jpg", tmp_path / "deep.png"  # EXIF orientation and 16 bits, as predict reads
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° to show
+    make_image((40, 60, 200), 8, size=(64, 40)).save(turned, exif=exif)
+    Image.fromarray((np.asarray(make_image((30, 160, 70), 9).convert("L"), dtype=np.uint16) * 257)).save(deep)
+    paths += [str(rgba), str(turned), str(deep)]
     frame = model.predict(pd.DataFrame({"image": [open(p, "rb").read() for p in paths]}))
     net, meta = prediction.load_model(str(run_dir))
     expected = list(prediction.predict(net, meta, paths, prediction.unknown_threshold(meta, "")))
