@@ -11,15 +11,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import models
+from . import data, models
 from .data import ImageRecord, make_view, normalize
 from .device import autocast, to_device
 from .evaluation import batches
@@ -90,15 +89,10 @@ class FeatureCache:
         return len(unique)
 
     def _write_shard(self, keys: list[tuple[str, str]]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.close(fd)
-        name = f"shard-{Path(tmp).stem}.pt"
-        try:
+        name = f"shard-{uuid.uuid4().hex}.pt"  # of this fill alone: concurrent trials never share a name
+        with data.replaced(self.dir / name) as tmp:  # a concurrent reader sees no shard or the whole shard
             torch.save({"sha256": [sha for sha, _ in keys], "view": [view for _, view in keys],
                         "features": [self.memory[k].clone() for k in keys]}, tmp)
-            os.replace(tmp, self.dir / name)  # atomic: a concurrent reader sees no shard or the whole shard
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         self.seen.add(name)
 
     def batch(self, samples) -> torch.Tensor:
