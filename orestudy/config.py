@@ -36,6 +36,11 @@ REGIMES = {  # the paper's three regimes: ImageNet weights or not, static 5x aug
     "tl_da": {"weights": "imagenet", "static_da": True},
 }
 
+SPLIT_METHODS = ("hash", "shuffle")
+# What a config saved before a field existed computed, where that is not the field's default: a record
+# or config.json without split_method was split by shuffle (see complete()).
+SAVED_BEFORE = {"split_method": "shuffle"}
+
 # A field's role: what it computes (part of a trial's identity), or where the run lives and how it
 # is watched (never part of it). "study" fields compute, but a study sets them, never a config file.
 COMPUTES, WHERE, STUDY = "computes", "where", "study"
@@ -75,6 +80,10 @@ class TrainConfig:
     freeze_depth: int = option(0, "leading backbone modules frozen for the whole run (partial fine-tuning)")
     cache_features: bool = option(True, "reuse a frozen backbone's outputs instead of recomputing them")
     seed: int = option(231, "split seed and training seed")
+    split_method: str = option("hash", "hash: each photo's split follows from its content and the seed, so "
+                                       "adding or removing photos moves no other photo (class shares near "
+                                       "60/20/20); shuffle: exact shares, but any change of the data redraws "
+                                       "the whole split (the committed studies' split)", choices=SPLIT_METHODS)
     folds: int = option(1, "K > 1: the seed's non-test images are cut into K grouped, stratified folds, one "
                            "of which validates (cross-validation); the test split stays the seed's")
     fold: int = option(-1, "with folds > 1: the fold that validates (0 .. folds-1); -1: every fold, one "
@@ -184,6 +193,12 @@ class TrainConfig:
 
 def defaults() -> dict:
     return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(TrainConfig)}
+
+
+def complete(saved: dict) -> dict:
+    """A saved config (a trial record's, a run's config.json) with every field: a field added since it
+    was saved takes the value that computed it then (SAVED_BEFORE), else its default."""
+    return {**defaults(), **SAVED_BEFORE, **saved}
 
 
 def fields_with_role(*roles: str) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import threading
 from collections import defaultdict
@@ -28,6 +29,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
+
+from .config import SPLIT_METHODS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 SPLITS = ("train", "val", "test")
@@ -241,14 +244,24 @@ def near_duplicate_groups(records: list[ImageRecord], max_distance: int = 6, chu
     return np.array([find(i) for i in range(n)])
 
 
-def make_split(records: list[ImageRecord], seed: int, fractions=(0.6, 0.2, 0.2)) -> list[str]:
-    """Stratified, grouped train/val/test assignment (60/20/20 by default), reproducible from seed."""
+def make_split(records: list[ImageRecord], seed: int, fractions=(0.6, 0.2, 0.2), method: str = "hash") -> list[str]:
+    """Stratified, grouped train/val/test assignment (60/20/20 by default), reproducible from seed:
+    hash_split (stable as the data change) or shuffle_split (exact shares, redrawn by any change)."""
     if not np.isclose(sum(fractions), 1.0) or min(fractions) <= 0:
         raise ValueError(f"split fractions must be positive and sum to 1, got {fractions}")
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"unknown split method {method!r}; expected one of {list(SPLIT_METHODS)}")
     labels = np.array([r.label for r in records])
     groups = near_duplicate_groups(records)
+    split = (hash_split if method == "hash" else shuffle_split)(records, labels, groups, seed, fractions)
+    check_stratified(labels, groups, split)
+    return split.tolist()
+
+
+def shuffle_split(records, labels, groups, seed, fractions) -> np.ndarray:
+    """Test, then val from the rest, by StratifiedGroupKFold: every group on one side of each cut and
+    each class's shares as exact as its groups allow; one photo more or less redraws the whole split."""
     split = np.array(["train"] * len(records), dtype=object)
-    # Test, then val from the rest; StratifiedGroupKFold keeps every group on one side of each cut.
     remaining = np.arange(len(records))
     for name, frac, share_left in (("test", fractions[2], 1.0), ("val", fractions[1], 1.0 - fractions[2])):
         n_splits = max(2, round(share_left / frac))
@@ -256,8 +269,37 @@ def make_split(records: list[ImageRecord], seed: int, fractions=(0.6, 0.2, 0.2))
         _, held = next(folds.split(remaining, labels[remaining], groups[remaining]))
         split[remaining[held]] = name
         remaining = np.delete(remaining, held)
-    check_stratified(labels, groups, split)
-    return split.tolist()
+    return split
+
+
+def hash_split(records, labels, groups, seed, fractions) -> np.ndarray:
+    """Each near-duplicate group's split follows from its photos' content and the seed alone (a uniform
+    draw per photo from sha256(seed, content hash); a group takes its smallest draw; draws below the
+    test share go to test, the next val share to val), so adding or removing photos moves no other
+    photo, on any machine, with no state to keep. Only a new photo that joins an existing group with a
+    smaller draw moves that group. A class's shares are binomial around 60/20/20 rather than exact:
+    written by hand because no splitter of scikit-learn is stable under changes of the data."""
+    draw = np.array([int(hashlib.sha256(f"{seed}:{r.sha256}".encode()).hexdigest()[:13], 16) / 16**13
+                     for r in records])
+    smallest = {}
+    for group, value in zip(groups.tolist(), draw):
+        smallest[group] = min(smallest.get(group, 1.0), value)
+    draw = np.array([smallest[g] for g in groups.tolist()])
+    split = np.where(draw < fractions[2], "test", np.where(draw < fractions[2] + fractions[1], "val", "train"))
+    split = split.astype(object)
+    # A small class may draw no test or no validation group: its lowest-drawing group from the split
+    # holding most of its groups moves there, which depends on that class's photos alone.
+    for label in sorted(set(labels.tolist())):
+        mine = labels == label
+        for part in ("test", "val"):
+            if (split[mine] == part).any():
+                continue
+            donor = max(SPLITS, key=lambda s: len(set(groups[mine & (split == s)].tolist())))
+            if len(set(groups[mine & (split == donor)].tolist())) > 1:
+                candidates = mine & (split == donor)
+                move = groups[candidates][np.argmin(draw[candidates])]
+                split[groups == move] = part
+    return split
 
 
 def check_stratified(labels: np.ndarray, groups: np.ndarray, split: np.ndarray) -> None:
@@ -318,12 +360,48 @@ def read_manifest(path: Path, records: list[ImageRecord], root: Path, curation: 
     return [rows[k] for k in keys]
 
 
-def load_or_make_split(records: list[ImageRecord], seed: int, manifest: Path, root: Path) -> list[str]:
+def load_or_make_split(records: list[ImageRecord], seed: int, manifest: Path, root: Path,
+                       method: str = "hash") -> list[str]:
     if manifest.exists():
         return read_manifest(manifest, records, root)
-    split = make_split(records, seed)
+    split = make_split(records, seed, method=method)
     write_manifest(manifest, records, split, root)
     return split
+
+
+def manifest_name(root: Path, records, seed: int, method: str, curation: Curation | None = None) -> str:
+    """<data set>-seed<seed>.csv for the shuffle split (the name it always had), -hash-seed<seed>.csv for
+    the hash split."""
+    return f"{dataset_name(root, records, curation)}{'' if method == 'shuffle' else '-' + method}-seed{seed}.csv"
+
+
+def split_changes(records: list[ImageRecord], split: list[str], manifest: Path, root: Path, seed: int,
+                  method: str) -> str:
+    """What changed since the newest manifest of an earlier version of this data folder (same folder
+    name, method and seed, other content): photos added and removed, and photos present in both whose
+    split changed ('' when there is no earlier version)."""
+    pattern = re.compile(rf"{re.escape(Path(root).name)}-[0-9a-f]{{10}}{'' if method == 'shuffle' else '-' + method}"
+                         rf"-seed{seed}\.csv")
+    earlier = [p for p in manifest.parent.glob(f"{Path(root).name}-*seed{seed}.csv")
+               if pattern.fullmatch(p.name) and p.name != manifest.name]
+    if not earlier:
+        return ""
+    previous = max(earlier, key=lambda p: p.stat().st_mtime)
+    with previous.open(newline="", **MANIFEST_ENCODING) as f:
+        before = {row["sha256"]: row["split"] for row in csv.DictReader(f)}
+    now = {r.sha256: part for r, part in zip(records, split)}
+    added, removed = now.keys() - before.keys(), before.keys() - now.keys()
+    moved = [sha for sha in now.keys() & before.keys() if now[sha] != before[sha]]
+    leaked = sum(before[sha] == "test" and now[sha] == "train" for sha in moved)
+    text = (f"the data in {root} changed since split manifest {previous}: {len(added)} images added, "
+            f"{len(removed)} removed; {len(moved)} of the {len(now.keys() & before.keys())} images in both "
+            f"changed split")
+    if leaked:
+        text += (f", {leaked} of them from test to train: do not compare a model trained on the earlier "
+                 f"data on this test split")
+    if moved and method == "shuffle":
+        text += " (the shuffle split is redrawn by any change of the data; --split-method hash keeps it)"
+    return text
 
 
 def fold_split(records: list[ImageRecord], split: list[str], folds: int, fold: int, seed: int) -> list[str]:
@@ -343,16 +421,19 @@ def fold_split(records: list[ImageRecord], split: list[str], folds: int, fold: i
 
 
 def dataset_split(records: list[ImageRecord], seed: int, folder: Path, root: Path,
-                  curation: Curation | None = None) -> tuple[list[str], Path]:
-    """(split per record, its manifest folder/<dataset name>-seed<seed>.csv), made once per data set
-    and seed and shared by every run. A curated data set keeps the published data's split, so curated
-    and published runs of a seed test on the same photos (less the excluded) and compare image by
-    image; its own manifest records the curation."""
-    manifest = folder / f"{dataset_name(root, records)}-seed{seed}.csv"
-    split = load_or_make_split(records, seed, manifest, root)
+                  curation: Curation | None = None, method: str = "hash") -> tuple[list[str], Path]:
+    """(split per record, its manifest in folder), made once per data set, method and seed and shared by
+    every run; a change of the data since an earlier manifest is reported. A curated data set keeps
+    the published data's split, so curated and published runs of a seed test on the same photos (less
+    the excluded) and compare image by image; its own manifest records the curation."""
+    manifest = folder / manifest_name(root, records, seed, method)
+    split = load_or_make_split(records, seed, manifest, root, method)
+    changes = split_changes(records, split, manifest, root, seed, method)
+    if changes:
+        warn(changes)
     if curation is None:
         return split, manifest
-    curated = folder / f"{dataset_name(root, records, curation)}-seed{seed}.csv"
+    curated = folder / manifest_name(root, records, seed, method, curation)
     if curated.exists():
         return read_manifest(curated, records, root, curation), curated
     write_manifest(curated, records, split, root, curation)

@@ -11,25 +11,26 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import stats
-from .config import computation, defaults
+from .config import complete, computation
 
 ORDER = {"attention": ["none", "se", "eca", "cbam"], "regime": ["scratch", "tl", "tl_da"]}
 
 
 def cell_key(config: dict) -> str:
     """A configuration over seeds: what it computes, less the seed (missing fields take defaults)."""
-    return json.dumps({k: v for k, v in computation({**defaults(), **config}).items() if k != "seed"},
+    return json.dumps({k: v for k, v in computation(complete(config)).items() if k != "seed"},
                       sort_keys=True, default=str)
 
 
 def cell_label(config: dict) -> str:
-    c = {**defaults(), **config}
+    c = complete(config)
     att = "" if c["attention"] == "none" else f" +{c['attention'].upper()} r{c['reduction']}"
     frozen = ("frozen" if c["freeze_epochs"] >= c["epochs"] else "trained" if c["freeze_epochs"] == 0
               else f"frozen {c['freeze_epochs']}/{c['epochs']}")
@@ -74,6 +75,29 @@ def one_factor_pairs(cells: dict[str, list]) -> list[tuple[str, str, str]]:
     return pairs
 
 
+CURATED = "-curated-"  # data.dataset_name of a curated data set: <published data set>-curated-<hash>
+
+
+def curation_pairs(cells: dict[str, list]) -> list[tuple[list, list, str]]:
+    """(published-data trials, curated trials, "curation") for every configuration run on a data set and
+    on a curation of it. Both models are scored on the same photos, the published test split with the
+    published labels (a curated record's test_full_accuracy); per-seed accuracies only, since curated
+    records keep per-image rows of their curated test split alone."""
+    pairs = []
+    for key, trials in cells.items():
+        dataset, config = key[:key.index("{")], key[key.index("{"):]
+        if CURATED in dataset and dataset[:dataset.index(CURATED)] + config in cells:
+            on_full = [replace(t, metrics={**t.metrics, "accuracy": t.metrics["test_full_accuracy"],
+                                           "macro_f1": t.metrics["test_full_macro_f1"], "predictions": []})
+                       for t in trials if "test_full_accuracy" in t.metrics]
+            pairs.append((cells[dataset[:dataset.index(CURATED)] + config], on_full, "curation"))
+    return pairs
+
+
+def trial_label(trial) -> str:
+    return cell_label(trial.config) + (", curated data" if CURATED in trial.dataset else "")
+
+
 def rank(factor: str, value):
     order = ORDER.get(factor)
     return (order.index(value) if order and value in order else len(order or ()), str(value)) \
@@ -86,7 +110,7 @@ def effects(records: list, pairs: list[tuple[list, list, str]] | None = None,
     name) pairs), each B - A with stats.paired_effect, Holm-adjusted paired-t p and verdict."""
     if pairs is None:
         cells = group(records)
-        pairs = [(cells[a], cells[b], f) for a, b, f in one_factor_pairs(cells)]
+        pairs = [(cells[a], cells[b], f) for a, b, f in one_factor_pairs(cells)] + curation_pairs(cells)
     rows = []
     for a_trials, b_trials, factor in pairs:
         a, b = per_seed(a_trials), per_seed(b_trials)
@@ -94,7 +118,7 @@ def effects(records: list, pairs: list[tuple[list, list, str]] | None = None,
                                                   a["images"], b["images"]))
         if effect["n"] == 0:
             continue
-        rows.append({"factor": factor, "a": cell_label(a_trials[0].config), "b": cell_label(b_trials[0].config),
+        rows.append({"factor": factor, "a": trial_label(a_trials[0]), "b": trial_label(b_trials[0]),
                      "a_mean": float(np.mean([a["accuracy"][s] for s in effect["seeds"]])),
                      "b_mean": float(np.mean([b["accuracy"][s] for s in effect["seeds"]])), **effect})
     for row, p in zip(rows, stats.holm([r["p_t"] for r in rows])):
@@ -132,7 +156,9 @@ NOTES = ("B − A: mean paired difference in test accuracy over the seeds both c
          "difference shown'). p (sign-flip): exact paired permutation test over the seeds (with n seeds it "
          "cannot go below 2/2^n). McNemar: exact test on the per-image discordant pairs pooled over the seeds "
          "whose records keep per-image outcomes (older records do not: then only per-seed accuracies compare). "
-         "Seeds for ±1.5: how many seeds a 95 % interval of ±1.5 points needs at the observed paired spread.")
+         "Seeds for ±1.5: how many seeds a 95 % interval of ±1.5 points needs at the observed paired spread. "
+         "curation: the same configuration trained on the published data (A) and on its curation (B), both "
+         "tested on the published test split with the published labels.")
 
 
 def markdown(rows: list[dict]) -> str:

@@ -102,7 +102,7 @@ def caruana_weights(val_probs, val_labels, rounds: int):
 def build_ensemble(run_dirs: list[str | Path], output: str | Path) -> dict:
     """Choose the weights on validation, score the test split once, and write the ensemble folder."""
     from . import reports
-    from .config import defaults
+    from .config import complete
     from .evaluation import calibration, per_image, test_metrics
 
     members = [read_member(Path(d)) for d in run_dirs]
@@ -111,7 +111,7 @@ def build_ensemble(run_dirs: list[str | Path], output: str | Path) -> dict:
     val_probs, val_labels, val_shas = split_probabilities(members, "val")
     weights = caruana_weights(val_probs, val_labels, ROUNDS_PER_MEMBER * len(members))
     val = combined(val_probs, weights, val_labels)
-    config = {**defaults(), **members[0]["config"]}  # the guarantee and sets the members were run with
+    config = complete(members[0]["config"])  # the guarantee and sets the members were run with
     calibrated = calibration(val.probabilities, val.labels, config["unknown_target_error"], config["unknown_delta"])
     test_probs, test_labels, test_shas = split_probabilities(members, "test")  # the weights are fixed by now
     test = combined(test_probs, weights, test_labels)

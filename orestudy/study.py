@@ -24,7 +24,7 @@ import torch
 from ray import tune
 
 from . import models, tracking
-from .config import StudySettings, TrainConfig, computation
+from .config import StudySettings, TrainConfig, complete, computation
 from .training import run_experiment
 
 SKIPPED_OFFLINE = "skipped: weights unavailable offline"
@@ -252,9 +252,9 @@ HISTORY_COLUMNS = ("epoch", "frozen", "train_loss", "train_accuracy", "val_loss"
 
 def computation_key(config: dict) -> str | None:
     """What a config computes, as a string; a field added to TrainConfig since the config was saved
-    takes its default. None for a config this version cannot read."""
+    takes the value that computed it then (config.complete). None for a config this version cannot read."""
     try:
-        return json.dumps(computation(asdict(TrainConfig.from_dict(computation(config)))), sort_keys=True)
+        return json.dumps(computation(asdict(TrainConfig.from_dict(computation(complete(config))))), sort_keys=True)
     except (TypeError, ValueError):
         return None
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data, device as devices, environment, features, models
-from .config import TrainConfig
+from .config import TrainConfig, complete
 from .evaluation import calibration, classification_metrics, evaluate, per_image, test_metrics
 
 AUX_WEIGHT = 0.4  # Inception v3's auxiliary loss weight (Szegedy et al. 2016)
@@ -85,7 +85,8 @@ def prepare_data(config: TrainConfig, run_dir: Path, progress: bool = False) -> 
         print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
     curation = data.read_curation(config.curation, records, root) if config.curation else None
     # One manifest per (data set, seed) is shared by every run; each run keeps a copy beside it.
-    split, shared = data.dataset_split(records, config.seed, Path(config.output) / "splits", root, curation)
+    split, shared = data.dataset_split(records, config.seed, Path(config.output) / "splits", root, curation,
+                                       config.split_method)
     if config.folds > 1:  # cross-validation: this run's fold of the non-test images validates
         split = data.fold_split(records, split, config.folds, config.fold, config.seed)
         data.write_manifest(run_dir / "split.csv", records, split, root, curation)
@@ -407,7 +408,8 @@ def resumable(run_dir: str | Path, **where) -> tuple[TrainConfig, dict]:
     saved = run_dir / "config.json"
     # Its MLflow store and split manifests are beside it, wherever this is started from.
     saved_config = {k: v for k, v in json.loads(saved.read_text()).items() if k != "environment"}
-    config = TrainConfig.from_dict({**saved_config, **where, "output": str(run_dir.parent)}, source=str(saved))
+    config = TrainConfig.from_dict({**complete(saved_config), **where, "output": str(run_dir.parent)},
+                                   source=str(saved))
     return config, {**torch.load(run_dir / LAST, map_location="cpu"), "run_dir": str(run_dir)}
 
 

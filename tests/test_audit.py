@@ -86,7 +86,8 @@ def test_curation_applied_on_the_published_split(noisy_folder, curation_file, tm
     relabelled = [r for recs in curated.records.values() for r in recs if r.path.endswith("azurite/malachite_5.png")]
     assert [r.label for r in relabelled] == ["malachite"]
     assert [r.sha256 for r in curated.published_test] == [r.sha256 for r in plain.records["test"]]
-    assert curated.manifest != plain.manifest and curated.manifest.name.startswith(plain.manifest.name[:-10])
+    plain_name = plain.manifest.name.removesuffix("-hash-seed3.csv")
+    assert curated.manifest.name.startswith(f"{plain_name}-curated-") and curated.manifest.name.endswith("-hash-seed3.csv")
     with curated.manifest.open() as f:
         rows = {r["path"]: r for r in csv.DictReader(f)}
     assert rows["azurite/malachite_5.png"]["label"] == "malachite"

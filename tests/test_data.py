@@ -63,7 +63,8 @@ def larger_folder(tmp_path):
     return root
 
 
-def test_split_is_stratified_seeded_and_keeps_near_duplicates_together(larger_folder):
+@pytest.mark.parametrize("method", data.SPLIT_METHODS)
+def test_split_is_stratified_seeded_and_keeps_near_duplicates_together(larger_folder, method):
     records, _ = data.scan_folder(larger_folder)
     groups = data.near_duplicate_groups(records)
     by_path = {r.path.rsplit("/", 2)[1] + "/" + r.path.rsplit("/", 1)[1]: g for r, g in zip(records, groups)}
@@ -71,17 +72,49 @@ def test_split_is_stratified_seeded_and_keeps_near_duplicates_together(larger_fo
         assert by_path[f"{name}/{i}.png"] == by_path[f"{name}/{i}_copy.jpg"], "near-duplicate not grouped"
     assert len(set(groups)) == len(records) - 3  # nothing else merged
 
-    split = data.make_split(records, seed=231)
-    assert split == data.make_split(records, seed=231)
-    assert split != data.make_split(records, seed=1)
+    split = data.make_split(records, seed=231, method=method)
+    assert split == data.make_split(records, seed=231, method=method)
+    assert split != data.make_split(records, seed=1, method=method)
     counts = collections.Counter(split)
-    assert counts["train"] == pytest.approx(0.6 * len(records), abs=4)
-    assert counts["val"] == pytest.approx(0.2 * len(records), abs=4)
+    # shuffle: shares as exact as the groups allow; hash: binomial around them (4 sd: sd about 5 here)
+    tolerance = 4 if method == "shuffle" else 4 * (0.6 * 0.4 * len(records)) ** 0.5
+    assert counts["train"] == pytest.approx(0.6 * len(records), abs=tolerance)
+    assert counts["val"] == pytest.approx(0.2 * len(records), abs=tolerance)
+    least = (13, 4, 4) if method == "shuffle" else (1, 1, 1)
     for label in "abcd":
         per_class = collections.Counter(s for r, s in zip(records, split) if r.label == label)
-        assert per_class["train"] >= 13 and per_class["val"] >= 4 and per_class["test"] >= 4
+        assert all(per_class[part] >= n for part, n in zip(data.SPLITS, least)), per_class
     for group in set(groups):
         assert len({s for s, g in zip(split, groups) if g == group}) == 1, "a group straddles splits"
+
+
+def test_hash_split_keeps_every_photo_put_when_photos_are_added_or_removed(larger_folder, tmp_path, capsys):
+    records, _ = data.scan_folder(larger_folder)
+    folder = tmp_path / "splits"
+    before = {m: data.dataset_split(records, 231, folder, larger_folder, method=m) for m in data.SPLIT_METHODS}
+    assert "changed since" not in capsys.readouterr().err
+    for c, name in enumerate("abcd"):  # a new photo in every class, and one deleted
+        make_image(list(COLOURS.values())[c % 3], seed=5000 + c, size=(64, 64)).save(larger_folder / name / "new.png")
+    (larger_folder / "c" / "5.png").unlink()
+    grown, _ = data.scan_folder(larger_folder)
+
+    split, manifest = data.dataset_split(grown, 231, folder, larger_folder)  # hash, the default
+    assert manifest != before["hash"][1] and manifest.name.endswith("-hash-seed231.csv")
+    old = {r.sha256: s for r, s in zip(records, before["hash"][0])}
+    assert all(old[r.sha256] == s for r, s in zip(grown, split) if r.sha256 in old)
+    said = capsys.readouterr().err
+    assert f"changed since split manifest {before['hash'][1]}: 4 images added, 1 removed; 0 of the " \
+           f"{len(records) - 1} images in both changed split" in said
+
+    # The shuffle split of earlier versions redraws, and says so.
+    split, manifest = data.dataset_split(grown, 231, folder, larger_folder, method="shuffle")
+    old = {r.sha256: s for r, s in zip(records, before["shuffle"][0])}
+    moved = sum(old[r.sha256] != s for r, s in zip(grown, split) if r.sha256 in old)
+    said = capsys.readouterr().err
+    assert moved > 10 and f"4 images added, 1 removed; {moved} of the" in said and "--split-method hash" in said
+    # Every later run on these data says it again.
+    data.dataset_split(grown, 231, folder, larger_folder)
+    assert "4 images added, 1 removed" in capsys.readouterr().err
 
 
 def test_manifest_written_once_reused_and_checked(larger_folder, tmp_path):

@@ -35,6 +35,19 @@ def test_a_planted_paired_difference_is_recovered_and_called():
     assert row["ci_high"] - row["ci_low"] < 0.02
 
 
+def test_a_curated_run_pairs_with_its_published_data_partner_on_the_published_test_split():
+    published = [t for t in planted(0.0) if t.config["attention"] == "none"]
+    curated = []
+    for t in published:  # the same photos and labels: planted +2 points; its own curated split better still
+        full = t.metrics["accuracy"] + 0.02
+        curated.append(study.Trial(t.config, "ok", {"accuracy": full + 0.01, "macro_f1": full + 0.01,
+                                                    "test_full_accuracy": full, "test_full_macro_f1": full},
+                                   dataset="minerals-abc-curated-0123456789"))
+    (row,) = effects.effects(published + curated)
+    assert row["factor"] == "curation" and row["n"] == 8 and row["b"].endswith(", curated data")
+    assert row["mean"] == pytest.approx(0.02) and row["mcnemar_seeds"] == 0  # per seed only
+
+
 def test_no_effect_gives_no_verdict_of_difference():
     (row,) = effects.effects(planted(0.0))
     assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == "no difference shown"

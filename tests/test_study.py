@@ -102,6 +102,20 @@ def test_filters_and_budget_scale_the_freezing_schedule():
     assert all(grids.belongs(one, cell, grid) for cell in tl)
 
 
+def test_committed_records_stay_the_paper_grids_trials():
+    """The committed records predate split_method and were split by shuffle; the paper grid pins
+    shuffle, so its trials still find them (and a hash-split trial does not)."""
+    grid, _ = paper_grid()
+    cells = grids.select(grids.grid_cells(grid), only=["table4"], backbones=["mobilenet_v2"])
+    configs = grids.trial_configs(grid, cells, [231, 1, 2], grid["paper"])
+    records = study.read_records(REPO_ROOT / "docs/results/paper_grid_mobilenet_v2/trials.jsonl")
+    assert all("split_method" not in r.config for r in records)
+    to_run, reused = study.reusable(configs, records, records[0].dataset)
+    assert to_run == [] and len(reused) == len(configs) == 27
+    hashed = [{**c, "split_method": "hash"} for c in configs]
+    assert study.reusable(hashed, records, records[0].dataset)[0] == hashed
+
+
 def test_records_of_the_same_computation_on_the_same_data_stand_in_for_trials(tmp_path):
     grid, _ = paper_grid()
     cells = grids.select(grids.grid_cells(grid), only=["table4"], backbones=["mobilenet_v2"], rows=["tl"])
