@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from orestudy import evaluation, prediction
+from orestudy import evaluation, models, prediction
 from orestudy.config import default_data_root
 from orestudy.device import set_threads
 
@@ -47,7 +47,7 @@ def main() -> None:
     decode = rate(len(paths), started)
 
     x = torch.randn(args.batch_size, 3, size, size)
-    forward = prediction.with_flips(model) if args.tta else model
+    forward = models.Flipped(model) if args.tta else model
     started = time.perf_counter()
     for _ in evaluation.infer(forward, ((x, None) for _ in range(n)), device, None):
         pass

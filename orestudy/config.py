@@ -95,6 +95,10 @@ class TrainConfig:
                                                "threshold chosen on validation for it, a photo is 'unknown'")
     unknown_delta: float = option(0.1, "the answered error is at most unknown_target_error with confidence "
                                        "1 - unknown_delta (a Clopper-Pearson bound on validation)")
+    tta: str = option("off", "test-time augmentation of the final evaluation: flips scores validation and "
+                             "test on the mean softmax over each photo and its horizontal and vertical flips "
+                             "(predict --tta); auto: flips only where they raise validation accuracy (test is "
+                             "never looked at); predict follows the run's choice", choices=("off", "flips", "auto"))
     set_coverage: float = option(0.95, "coverage of the conformal prediction sets reported on test (predict "
                                        "takes any with --coverage)")
     precision: str = option("auto", "autocast dtype; auto: bf16 on CUDA and on CPUs with native bf16, "

@@ -553,6 +553,8 @@ def eval_view(img: torch.Tensor, input_size: int) -> torch.Tensor:
 
 # The paper's static augmentation: each training image expanded 5x into these views.
 PAPER_VIEWS = ("identity", "centre_crop", "edge_crop", "zoom", "jitter")
+# Test-time augmentation: the evaluation view and its flips, as predict --tta (models.Flipped).
+FLIP_VIEWS = ("identity", "hflip", "vflip")
 
 
 def paper_view(img: torch.Tensor, view: str, input_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -561,6 +563,8 @@ def paper_view(img: torch.Tensor, view: str, input_size: int, generator: torch.G
     side = min(h, w)
     if view == "identity":
         return eval_view(img, input_size)
+    if view in ("hflip", "vflip"):  # FLIP_VIEWS
+        return eval_view(img, input_size).flip(-1 if view == "hflip" else -2)
     if view == "centre_crop":
         crop = round(side * 0.7)
         return TF.resize(TF.center_crop(img, [crop, crop]), [input_size, input_size], antialias=True)

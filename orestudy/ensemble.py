@@ -66,30 +66,20 @@ def split_probabilities(members: list[dict], split: str):
     return probs, labels, shas
 
 
-def combined(probs, weights, labels):
-    """The ensemble's evaluation.Evaluation: its weighted mean probabilities scored against labels."""
-    import numpy as np
-
-    from .evaluation import Evaluation
-
-    mean = np.tensordot(weights, probs, axes=1)
-    predictions = mean.argmax(1)
-    loss = float(-np.log(mean[np.arange(len(labels)), labels] + 1e-12).mean())
-    return Evaluation(loss, float((predictions == labels).mean()), labels, predictions, mean)
-
-
 def caruana_weights(val_probs, val_labels, rounds: int):
     """Greedy forward selection with replacement on validation: each round adds the member that gives
     the running mean the best (accuracy, -log loss), the earlier member on a tie; the weights are the
     counts of the best round (the earliest, i.e. smallest ensemble, on a tie)."""
     import numpy as np
 
+    from .evaluation import mixture
+
     counts, history = np.zeros(len(val_probs)), []
     for _ in range(rounds):
         def score(m):
             trial = counts.copy()
             trial[m] += 1
-            ev = combined(val_probs, trial / trial.sum(), val_labels)
+            ev = mixture(val_probs, trial / trial.sum(), val_labels)
             return ev.accuracy, -ev.loss
         scores = [score(m) for m in range(len(val_probs))]
         best = max(range(len(scores)), key=lambda m: (scores[m], -m))
@@ -103,18 +93,18 @@ def build_ensemble(run_dirs: list[str | Path], output: str | Path) -> dict:
     """Choose the weights on validation, score the test split once, and write the ensemble folder."""
     from . import reports
     from .config import complete
-    from .evaluation import calibration, per_image, test_metrics
+    from .evaluation import calibration, mixture, per_image, test_metrics
 
     members = [read_member(Path(d)) for d in run_dirs]
     check_members(members)
     classes = members[0]["classes"]
     val_probs, val_labels, val_shas = split_probabilities(members, "val")
     weights = caruana_weights(val_probs, val_labels, ROUNDS_PER_MEMBER * len(members))
-    val = combined(val_probs, weights, val_labels)
+    val = mixture(val_probs, weights, val_labels)
     config = complete(members[0]["config"])  # the guarantee and sets the members were run with
     calibrated = calibration(val.probabilities, val.labels, config["unknown_target_error"], config["unknown_delta"])
     test_probs, test_labels, test_shas = split_probabilities(members, "test")  # the weights are fixed by now
-    test = combined(test_probs, weights, test_labels)
+    test = mixture(test_probs, weights, test_labels)
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -134,6 +124,21 @@ def build_ensemble(run_dirs: list[str | Path], output: str | Path) -> dict:
     return {**spec, "metrics": result}
 
 
+def log_run(runs: str | Path, experiment: str, output: Path, spec: dict) -> str:
+    """The ensemble as one MLflow run beside its members' (in runs/mlflow.db unless MLFLOW_TRACKING_URI
+    is set): each member's folder, weight and MLflow run, the test metrics and the ensemble folder."""
+    from . import tracking  # mlflow is slow to import
+
+    folders = [(output / member).resolve() for member in spec["members"]]
+    member_runs = tracking.runs_of_folders(runs, folders)
+    params = {"selection": spec["selection"], "n_members": len(folders)}
+    for i, (folder, weight, run_id) in enumerate(zip(folders, spec["weights"], member_runs)):
+        params.update({f"member_{i}": str(folder), f"member_{i}_weight": weight, f"member_{i}_run": run_id or "none"})
+    tags = {"run_dir": str(output.resolve()), "orestudy.members": ",".join(r for r in member_runs if r)}
+    return tracking.log_folder(runs, experiment, f"ensemble-{output.name}", params,
+                               tracking.flat_metrics(spec["metrics"]), output, tags)
+
+
 def is_ensemble(source: str | Path) -> bool:
     return (Path(source) / "ensemble.json").is_file()
 
@@ -148,7 +153,9 @@ def load_ensemble(folder: str | Path, device, dtype):
     for path, weight in zip(spec["members"], spec["weights"]):
         if weight > 0:
             model, meta = models.load_checkpoint(folder / path / "best.pt", device)
-            members.append((models.for_inference(model, meta["input_size"], device, dtype), weight, meta))
+            ready = models.for_inference(model, meta["input_size"], device, dtype)
+            # a member evaluated with flips (its tta) gave the ensemble its probabilities that way
+            members.append((models.Flipped(ready) if meta["best"].get("tta") else ready, weight, meta))
     largest = max((meta for _, _, meta in members), key=lambda meta: meta["input_size"])
     meta = {"backbone": "ensemble", "class_names": spec["class_names"], "input_size": largest["input_size"],
             "mean": largest["mean"], "std": largest["std"], "members": spec["members"], "weights": spec["weights"],
@@ -159,16 +166,24 @@ def load_ensemble(folder: str | Path, device, dtype):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog=cli.prog("ensemble"), description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders on one split")
+    parser.add_argument("members", nargs="+", metavar="RUN_DIR", help="finished run folders on one split")
     parser.add_argument("--output", required=True, type=Path, help="the ensemble's folder")
+    parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
+                        help="log the ensemble as an MLflow run, naming its members' runs")
+    parser.add_argument("--runs", default="runs", help="folder whose mlflow.db receives the run (the members' "
+                                                       "store by default), unless MLFLOW_TRACKING_URI is set")
+    parser.add_argument("--experiment", default="orestudy", help="MLflow experiment (the members' by default)")
     args = parser.parse_args(argv)
     try:
-        spec = build_ensemble(args.runs, args.output)
+        spec = build_ensemble(args.members, args.output)
     except ValueError as err:
         parser.error(str(err))
     weights = ", ".join(f"{m} {w:.2f}" for m, w in zip(spec["members"], spec["weights"]) if w > 0)
+    where = f"{args.output}"
+    if args.mlflow:
+        where += f", MLflow run {log_run(args.runs, args.experiment, args.output, spec)}"
     print(f"weights (chosen on validation): {weights}\nvalidation accuracy {spec['val_accuracy']:.4f}, test accuracy "
-          f"{spec['test_accuracy']:.4f}, macro-F1 {spec['test_macro_f1']:.4f} -> {args.output}", file=sys.stderr)
+          f"{spec['test_accuracy']:.4f}, macro-F1 {spec['test_macro_f1']:.4f} -> {where}", file=sys.stderr)
     return spec
 
 

@@ -59,6 +59,15 @@ def evaluate(forward: Callable, loader, device, dtype) -> Evaluation:
     return Evaluation(sum(losses) / len(labels_np), float((preds == labels_np).mean()), labels_np, preds, probs_np)
 
 
+def mixture(probabilities: np.ndarray, weights, labels: np.ndarray) -> Evaluation:
+    """The Evaluation of weighted mean probabilities (members, images, classes) against labels: an
+    ensemble's, or test-time augmentation's (one model over several views, equal weights)."""
+    mean = np.tensordot(np.asarray(weights, dtype=float), probabilities, axes=1)
+    predictions = mean.argmax(1)
+    loss = float(-np.log(mean[np.arange(len(labels)), labels] + 1e-12).mean())
+    return Evaluation(loss, float((predictions == labels).mean()), labels, predictions, mean)
+
+
 def per_image(split: str, records, evaluation: Evaluation) -> list[list]:
     """[split, image content hash, true class index, softmax probabilities] per image: what lets two
     runs on the same split be compared image by image (McNemar), and thresholds, prediction sets and

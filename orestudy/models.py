@@ -482,6 +482,20 @@ class OreClassifier(nn.Module):
         return self
 
 
+class Flipped(nn.Module):
+    """Test-time augmentation: the log of the softmax averaged over the image and its horizontal and
+    vertical flips, a logit whose softmax is that average (so it takes the same path as the model)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        logits = self.model(torch.cat([x, x.flip(-1), x.flip(-2)])).float()
+        return logits.softmax(1).view(3, n, logits.shape[1]).mean(0).log()  # n may be 0
+
+
 class Ensemble(nn.Module):
     """Trained models' weighted mean of softmax probabilities, returned as its log so that callers
     apply softmax as to one model's logits. It takes images at its input size in its normalisation;

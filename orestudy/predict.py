@@ -30,12 +30,13 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, metavar="RUN_OR_CHECKPOINT",
                         help="run folder, checkpoint file, or MLflow URI (runs:/<id>, models:/<name>/<version>)")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per photo, most likely first")
-    parser.add_argument("--tta", action="store_true",
-                        help="average over the image and its horizontal and vertical flips (3x the compute; the "
-                             "threshold was chosen without it, so expect a few more 'unknown' answers)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average over the image and its horizontal and vertical flips (3x the compute); "
+                             "default: as the run was evaluated (its tta choice), for which its 'unknown' "
+                             "threshold and prediction sets were calibrated")
     parser.add_argument("--coverage", type=float, metavar="C",
                         help="also give each photo its prediction set: the fewest classes that hold the true one "
-                             "with probability C, e.g. 0.95 (calibrated on the validation split, without --tta)")
+                             "with probability C, e.g. 0.95 (calibrated on the validation split)")
     parser.add_argument("--batch-size", type=int, default=32, help="photos per forward pass")
     parser.add_argument("--output", type=Path, help="also write the predictions to this .csv or .json file (default: none)")
     parser.add_argument("--runs", default="runs",

@@ -130,16 +130,6 @@ def prefetched(items: Iterator) -> Iterator:
             yield item
 
 
-def with_flips(model: torch.nn.Module):
-    """Test-time augmentation: the log of the softmax averaged over the image and its horizontal and
-    vertical flips, a logit whose softmax is that average (so it takes the same path as the model)."""
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        n = len(x)
-        logits = model(torch.cat([x, x.flip(-1), x.flip(-2)])).float()
-        return logits.softmax(1).view(3, n, logits.shape[1]).mean(0).log()  # n may be 0
-    return forward
-
-
 def predict(model: torch.nn.Module, meta: dict, paths: list[str], threshold: float | None, top_k: int = 3,
             tta: bool = False, batch_size: int = 32, device: torch.device = torch.device("cpu"),
             dtype: torch.dtype | None = None, scores: np.ndarray | None = None,
@@ -148,7 +138,7 @@ def predict(model: torch.nn.Module, meta: dict, paths: list[str], threshold: flo
     coverage, each with its prediction set."""
     names = meta["class_names"]
     k = min(top_k, len(names))
-    forward = with_flips(model) if tta else model
+    forward = models.Flipped(model) if tta else model
     batches = prefetched(decoded_batches(paths, batch_size, meta["input_size"], meta["mean"], meta["std"]))
     for logits, (chunk, errors) in infer(forward, batches, device, dtype):
         probs = logits.softmax(1).cpu().numpy()
@@ -212,7 +202,7 @@ def summary_line(preds: list[Prediction], threshold: float | None, coverage: flo
             f"{unreadable} unreadable; {len(preds) / max(seconds, 1e-9):.1f} images/s")
 
 
-def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool = False, coverage: float | None = None,
+def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | None = None, coverage: float | None = None,
                   batch_size: int = 32, output: Path | None = None, runs: str = "runs", device: str = "auto",
                   precision: str = "auto", threads: int = 0) -> list[Prediction]:
     """`orestudy predict`: the model at source on every image under inputs, as a table on the terminal
@@ -230,6 +220,8 @@ def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool = Fa
     torch_device = devices.pick_device(device)
     dtype = devices.pick_precision(precision, torch_device)
     model, meta = load_model(source, torch_device, dtype)
+    if tta is None:  # as the run was evaluated, and its threshold and sets calibrated
+        tta = bool(meta.get("best", {}).get("tta", False))
     threshold = unknown_threshold(meta, source)
     scores = calibration_scores(meta, source) if coverage else None
     paths = list_images(inputs)

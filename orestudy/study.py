@@ -115,7 +115,7 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
     final = {k: result[k] for k in ("accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
                                     "wall_seconds", "confusion_matrix", "class_names", "device", "precision",
                                     "threads", "run_dir", "predictions", "curation", "n_test_full",
-                                    "test_full_accuracy", "test_full_macro_f1") if k in result}
+                                    "test_full_accuracy", "test_full_macro_f1", "tta") if k in result}
     tune.report({"status": "ok", **final, "node_id": ray.get_runtime_context().get_node_id()},
                 checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
 
@@ -246,7 +246,7 @@ def outcomes(results: tune.ResultGrid) -> list[Trial]:
 
 RECORD_METRICS = ("status", "reason", "accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
                   "wall_seconds", "device", "precision", "threads", "confusion_matrix", "class_names",
-                  "predictions", "curation", "n_test_full", "test_full_accuracy", "test_full_macro_f1")
+                  "predictions", "curation", "n_test_full", "test_full_accuracy", "test_full_macro_f1", "tta")
 HISTORY_COLUMNS = ("epoch", "frozen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds")
 
 

@@ -331,14 +331,31 @@ def ended_on_error(run_id: str):
 # ---------------------------------------------------------------------------------------------------
 # Runs of the other commands
 
-def log_folder(output: str | Path, experiment: str, name: str, params: dict, metrics: dict, folder: Path) -> str:
-    """One MLflow run of a report folder (the EDA): params, metrics and every file; returns its id."""
+def log_folder(output: str | Path, experiment: str, name: str, params: dict, metrics: dict, folder: Path,
+               tags: dict | None = None) -> str:
+    """One MLflow run of a report folder (the EDA, a validation, an ensemble): params, metrics, tags and
+    every file; returns its id."""
     experiment_id = configure(output, experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(folder))
     return run.info.run_id
+
+
+def runs_of_folders(output: str | Path, folders: list[Path]) -> list[str]:
+    """The MLflow run of each run folder in the store of output (use_store), found by the run_dir tag
+    every run carries; '' where the store has none (a run made with --no-mlflow or elsewhere)."""
+    use_store(output)
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = []
+    for folder in folders:
+        where = str(Path(folder).resolve())
+        runs = client.search_runs(experiments, f"tags.run_dir = '{where}'", max_results=1) \
+            if experiments and "'" not in where else []
+        found.append(runs[0].info.run_id if runs else "")
+    return found
 
 
 def download_checkpoint(source: str) -> Path:

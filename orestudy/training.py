@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import data, device as devices, environment, features, models
 from .config import TrainConfig, complete
-from .evaluation import calibration, classification_metrics, evaluate, per_image, test_metrics
+from .evaluation import Evaluation, calibration, classification_metrics, evaluate, mixture, per_image, test_metrics
 
 AUX_WEIGHT = 0.4  # Inception v3's auxiliary loss weight (Szegedy et al. 2016)
 
@@ -322,20 +322,25 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
     run.model.eval()
     depth = run.depth(best["epoch"])
 
-    def evaluated(split: str, samples):
-        return evaluate(*run.route.eval_batches(depth, samples, prep.labels[split], config.batch_size),
-                        run.device, run.dtype)
+    def scored(records: list, labels: list[int], flips: bool) -> Evaluation:
+        """The photos as they are, or (flips) the mean softmax over them and their flips."""
+        views = data.FLIP_VIEWS if flips else data.FLIP_VIEWS[:1]
+        runs = [evaluate(*run.route.eval_batches(depth, [(r, view) for r in records], labels, config.batch_size),
+                         run.device, run.dtype) for view in views]
+        return runs[0] if len(runs) == 1 else mixture(np.stack([e.probabilities for e in runs]),
+                                                      [1 / len(runs)] * len(runs), runs[0].labels)
 
-    val = evaluated("val", run.val_samples)
+    val_set = (prep.records["val"], prep.labels["val"])
+    val, result = with_tta(config.tta, scored(*val_set, False), lambda: scored(*val_set, True))
     outcomes = per_image("val", prep.records["val"], val)
     best.update(calibration(val.probabilities, val.labels, config.unknown_target_error, config.unknown_delta))
+    best["tta"] = result["tta"]
     save_best(run, best)
-    result = {}
     if config.evaluate_test:
-        test = evaluated("test", [(r, "identity") for r in prep.records["test"]])
-        result = test_metrics(test, prep.class_names, best, config.set_coverage)
+        test = scored(prep.records["test"], prep.labels["test"], result["tta"])
+        result.update(test_metrics(test, prep.class_names, best, config.set_coverage))
         outcomes += per_image("test", prep.records["test"], test)
-    result.update(curation_metrics(run, depth))
+    result.update(curation_metrics(run, lambda records, labels: scored(records, labels, result["tta"])))
     result.update({
         "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"], "epochs_run": progress.epoch,
         "wall_seconds": progress.elapsed + time.time() - run.started, "threads": run.threads,
@@ -351,7 +356,21 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
     return result
 
 
-def curation_metrics(run: Run, depth: int) -> dict:
+def with_tta(mode: str, plain: Evaluation, flipped: Callable[[], Evaluation]) -> tuple[Evaluation, dict]:
+    """Validation as the run is judged (config.tta): the photos as they are, with their flips, or (auto)
+    whichever scores the higher validation accuracy (then the lower loss; a tie keeps them plain); and
+    the choice for metrics.json. The test split follows the choice, never informs it."""
+    if mode == "off":
+        return plain, {"tta": False}
+    other = flipped()
+    if mode == "flips":
+        return other, {"tta": True}
+    chosen = (other.accuracy, -other.loss) > (plain.accuracy, -plain.loss)
+    return other if chosen else plain, {"tta": chosen, "val_accuracy_plain": plain.accuracy,
+                                        "val_accuracy_flips": other.accuracy}
+
+
+def curation_metrics(run: Run, scored: Callable[[list, list[int]], Evaluation]) -> dict:
     """A curated run's curation, and (when it tests) its model on the published test split with the
     published labels: the same photos an uncurated run of the seed is tested on."""
     prep = run.prep
@@ -360,8 +379,7 @@ def curation_metrics(run: Run, depth: int) -> dict:
     if not run.config.evaluate_test:
         return {"curation": prep.curation}
     labels = [prep.class_names.index(r.label) for r in prep.published_test]
-    full = evaluate(*run.route.eval_batches(depth, [(r, "identity") for r in prep.published_test], labels,
-                                            run.config.batch_size), run.device, run.dtype)
+    full = scored(prep.published_test, labels)
     scores = classification_metrics(full.labels, full.predictions, prep.class_names)
     return {"curation": prep.curation, "n_test_full": len(labels), "test_full_accuracy": scores["accuracy"],
             "test_full_macro_f1": scores["macro_f1"]}

@@ -97,3 +97,23 @@ def test_predict_takes_an_ensemble_folder(tmp_path, image_folder):
         expected = 0.25 * members[0]((small - 0.5) / 0.25).softmax(1) + 0.75 * members[1](x).softmax(1)
         torch.testing.assert_close(model(x).softmax(1), expected, rtol=1e-4, atol=1e-5)
     assert meta["input_size"] == 64
+
+
+def test_the_ensemble_is_an_mlflow_run_naming_its_members_runs(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = [fake_run(tmp_path / "runs" / name, {"val": 0.9, "test": 0.8}, seed=i) for i, name in enumerate("ab")]
+    store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store)
+    experiment = client.create_experiment("orestudy", artifact_location=(tmp_path / "artifacts").as_uri())
+    member_run = client.create_run(experiment, tags={"run_dir": str(runs[0].resolve())})
+    spec = ensemble.main([*map(str, runs), "--output", str(tmp_path / "runs" / "ens"), "--runs", str(tmp_path / "runs")])
+    (logged,) = [r for r in client.search_runs([client.get_experiment_by_name("orestudy").experiment_id])
+                 if r.info.run_name == "ensemble-ens"]
+    assert logged.data.metrics["test_accuracy"] == spec["test_accuracy"]
+    assert logged.data.params["member_0_run"] == member_run.info.run_id and logged.data.params["member_1_run"] == "none"
+    assert logged.data.tags["orestudy.members"] == member_run.info.run_id
+    assert float(logged.data.params["member_0_weight"]) == spec["weights"][0]
+    names = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"ensemble.json", "metrics.json", "predictions.csv"} <= names

@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -208,3 +209,35 @@ def test_checkpoint_without_conformal_scores_says_so_for_coverage_only(trained, 
     assert str(old) in error and "conformal" in error
     (pred,) = predict.main(["--model", str(old), str(noise)])
     assert pred.set == [] and pred.answer
+
+
+def test_flip_tta_scores_the_run_as_predict_tta_does_and_predict_follows_it(tmp_path):
+    """tta=flips: validation and test are the mean softmax over each photo and its flips, computed
+    through the training path (flip views, cached features); predict, by default, does the same."""
+    folder = png_folder(tmp_path / "minerals")
+    run_config = config.TrainConfig(data=str(folder), output=str(tmp_path / "runs"), cache="", regime="tl",
+                                    attention="se", reduction=4, epochs=2, freeze_epochs=2, lr=1e-2,
+                                    image_size=64, batch_size=8, threads=1, progress=False, mlflow=False,
+                                    tta="flips")
+    result = training.run_experiment(run_config)
+    assert result["tta"] is True and torch.load(Path(result["run_dir"]) / "best.pt", weights_only=False)["best"]["tta"]
+    rows = list(csv.DictReader(open(Path(result["run_dir"]) / "predictions.csv")))
+    by_sha = {r.sha256: r.path for r in data.scan_folder(folder)[0]}
+    test = [r for r in rows if r["split"] == "test"]
+    preds = prediction.predict_files(result["run_dir"], [by_sha[r["sha256"]] for r in test], top_k=3, threads=1,
+                                     precision="fp32")
+    got = np.array([[dict(p.top)[c] for c in sorted(COLOURS)] for p in preds])
+    np.testing.assert_allclose(got, [[float(r[f"p_{c}"]) for c in sorted(COLOURS)] for r in test], atol=2e-4)
+    plain = prediction.predict_files(result["run_dir"], [by_sha[r["sha256"]] for r in test], top_k=3, tta=False,
+                                     threads=1, precision="fp32")
+    assert not np.allclose(got, [[dict(p.top)[c] for c in sorted(COLOURS)] for p in plain], atol=1e-4)
+
+
+def test_auto_tta_is_chosen_on_validation_alone():
+    def ev(accuracy, loss):
+        return evaluation.Evaluation(loss, accuracy, np.zeros(1), np.zeros(1), np.zeros((1, 2)))
+    plain, better, tied = ev(0.80, 0.5), ev(0.85, 0.6), ev(0.80, 0.5)
+    assert training.with_tta("auto", plain, lambda: better) == (better, {"tta": True, "val_accuracy_plain": 0.80,
+                                                                           "val_accuracy_flips": 0.85})
+    assert training.with_tta("auto", plain, lambda: tied)[1]["tta"] is False  # a tie stays plain
+    assert training.with_tta("off", plain, lambda: 1 / 0) == (plain, {"tta": False})  # nothing flipped is scored
