@@ -105,12 +105,14 @@ def rank(factor: str, value):
 
 
 def effects(records: list, pairs: list[tuple[list, list, str]] | None = None,
-            alpha: float = 0.05) -> list[dict]:
+            alpha: float = 0.05, named: list[tuple[list, list, str]] = ()) -> list[dict]:
     """The effects table: the one-factor contrasts among records (or the given (A trials, B trials,
-    name) pairs), each B - A with stats.paired_effect, Holm-adjusted paired-t p and verdict."""
+    name) pairs), then the named ones, each B - A with stats.paired_effect, its paired-t p
+    Holm-adjusted across the whole table, and a verdict."""
     if pairs is None:
         cells = group(records)
         pairs = [(cells[a], cells[b], f) for a, b, f in one_factor_pairs(cells)] + curation_pairs(cells)
+    pairs = list(pairs) + list(named)
     rows = []
     for a_trials, b_trials, factor in pairs:
         a, b = per_seed(a_trials), per_seed(b_trials)

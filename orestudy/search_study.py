@@ -190,7 +190,8 @@ def retrain(settings: study.StudySettings, label: str, config: dict, seeds) -> l
 def retrain_picks(found: optuna.Study, space: SearchSpace, settings: study.StudySettings, options: SearchSettings,
                   runtime: dict) -> dict[str, list[study.Trial]]:
     """The best configuration (and the baseline) retrained per seed; their portable records are kept
-    in the search's trials.jsonl, so `python -m orestudy.compare` can pair them with any other study."""
+    in the search's trials.jsonl (and each in best.jsonl, baseline.jsonl), so `python -m orestudy.compare`
+    can pair them with any other study's, e.g. two searches' picks (--contrast A/best.jsonl B/best.jsonl)."""
     best, retrained = best_trial(found), {}
     if best is None or not options.seeds:
         return retrained
@@ -202,8 +203,11 @@ def retrain_picks(found: optuna.Study, space: SearchSpace, settings: study.Study
     records = data.scan_cached(settings.data, False, settings.cache)[0]
     curation = data.read_curation(settings.curation, records, settings.data) if settings.curation else None
     dataset = data.dataset_name(settings.data, records, curation)
-    study.write_records(Path(settings.output) / settings.name / "trials.jsonl",
+    folder = Path(settings.output) / settings.name
+    study.write_records(folder / "trials.jsonl",
                         [o.record(dataset) for runs in retrained.values() for o in runs if o.config])
+    for role, runs in zip(("best", "baseline"), retrained.values()):  # one configuration a file: compare --contrast
+        study.write_records(folder / f"{role}.jsonl", [o.record(dataset) for o in runs if o.config])
     return retrained
 
 

@@ -86,6 +86,24 @@ def test_records_without_per_image_outcomes_still_compare(tmp_path):
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"effects.md", "effects.csv", "effects.png"}
 
 
+def test_a_named_contrast_pairs_two_configurations_that_differ_in_several_factors(tmp_path, capsys):
+    trials = planted(0.03)
+    for t in trials[8:]:  # the second arm differs in two factors: not a one-factor contrast
+        t.config = {**t.config, "lr": 1e-3}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    study.write_records(a, [t.record(t.dataset) for t in trials[:8]])
+    study.write_records(b, [t.record(t.dataset) for t in trials[8:]])
+    assert compare.main([str(a), str(b), "--output", str(tmp_path / "none")]) == []
+    (row,) = compare.main([str(a), str(b), "--contrast", str(a), str(b), "--output", str(tmp_path / "out")])
+    assert row["factor"] == "contrast" and row["n"] == 8 and row["verdict"] == "better"
+    assert row["mean"] == pytest.approx(0.03, abs=0.002) and row["mcnemar_seeds"] == 8
+    both = tmp_path / "both.jsonl"
+    study.write_records(both, [t.record(t.dataset) for t in trials])
+    with pytest.raises(SystemExit):
+        compare.main([str(a), "--contrast", str(a), str(both)])
+    assert "both.jsonl: --contrast takes a file of one configuration" in capsys.readouterr().err
+
+
 def test_holm_and_seeds_needed():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     d = np.array([0.01, 0.03, -0.02, 0.04])
