@@ -31,13 +31,15 @@ def one_configuration(path: str) -> list:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog=cli.prog("compare"), description=__doc__,
                                 formatter_class=cli.HelpFormatter)
-    p.add_argument("records", nargs="+", help="trials.jsonl files (a replicate or search report's)")
+    p.add_argument("records", nargs="*", help="trials.jsonl files (a replicate or search report's)")
     p.add_argument("--output", type=Path, default=Path("runs/effects"), help="folder for the table and figure")
     p.add_argument("--backbones", nargs="+", action=cli.list_option(), default=[],
                    help="keep only these backbones' records (default: all)")
     p.add_argument("--contrast", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="also B - A for two trials.jsonl files of one configuration each (repeatable)")
     args = p.parse_args(argv)
+    if not args.records and not args.contrast:
+        p.error("give trials.jsonl files, --contrast A B, or both")
     from . import effects, study
 
     try:

@@ -94,7 +94,7 @@ def test_a_named_contrast_pairs_two_configurations_that_differ_in_several_factor
     study.write_records(a, [t.record(t.dataset) for t in trials[:8]])
     study.write_records(b, [t.record(t.dataset) for t in trials[8:]])
     assert compare.main([str(a), str(b), "--output", str(tmp_path / "none")]) == []
-    (row,) = compare.main([str(a), str(b), "--contrast", str(a), str(b), "--output", str(tmp_path / "out")])
+    (row,) = compare.main(["--contrast", str(a), str(b), "--output", str(tmp_path / "out")])
     assert row["factor"] == "contrast" and row["n"] == 8 and row["verdict"] == "better"
     assert row["mean"] == pytest.approx(0.03, abs=0.002) and row["mcnemar_seeds"] == 8
     both = tmp_path / "both.jsonl"
