@@ -34,7 +34,7 @@ def split_arrays(predictions: list[list], split: str):
 
 def record_answers(record: dict, target_error: float, delta: float, coverage: float) -> dict:
     """One record's answers calibrated on its validation rows and checked on its test rows."""
-    from .effects import cell_label
+    from .effects import trial_label
     from .evaluation import answer_metrics, calibration, point_threshold
 
     val_p, val_y = split_arrays(record.metrics["predictions"], "val")
@@ -43,7 +43,7 @@ def record_answers(record: dict, target_error: float, delta: float, coverage: fl
     guaranteed = answer_metrics(test_p, test_y, calibrated, coverage)
     point = point_threshold(val_p.max(1), val_p.argmax(1) == val_y, target_error)
     pointed = answer_metrics(test_p, test_y, {**calibrated, "unknown_threshold": point}, coverage)
-    return {"configuration": cell_label(record.config), "seed": record.config["seed"],
+    return {"configuration": trial_label(record), "seed": record.config["seed"],
             "n_val": len(val_y), "n_test": len(test_y),
             "threshold": calibrated["unknown_threshold"], "bound": calibrated["unknown_error_bound"],
             "answered_share": guaranteed["test_answered_share"], "answered_error": guaranteed["test_answered_error"],

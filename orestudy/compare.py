@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output", type=Path, default=Path("runs/effects"), help="folder for the table and figure")
     p.add_argument("--backbones", nargs="+", action=cli.list_option(), default=[],
                    help="keep only these backbones' records (default: all)")
+    p.add_argument("--factors", nargs="+", action=cli.list_option(), default=[],
+                   help="keep only the contrasts of these factors, e.g. attention,curation (default: all)")
     p.add_argument("--contrast", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="also B - A for two trials.jsonl files of one configuration each (repeatable)")
     args = p.parse_args(argv)
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (OSError, ValueError) as err:
         p.error(str(err))
     rows = effects.effects(study.unique_records(
-        [r for r in records if not args.backbones or r.config.get("backbone") in args.backbones]), named=named)
+        [r for r in records if not args.backbones or r.config.get("backbone") in args.backbones]), named=named,
+        factors=args.factors or None)
     files = effects.write(args.output, rows)
     print(effects.markdown(rows) + "\n\n" + "\n".join(f"wrote {path}" for path in files))
     return rows

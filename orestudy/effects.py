@@ -105,14 +105,16 @@ def rank(factor: str, value):
 
 
 def effects(records: list, pairs: list[tuple[list, list, str]] | None = None,
-            alpha: float = 0.05, named: list[tuple[list, list, str]] = ()) -> list[dict]:
+            alpha: float = 0.05, named: list[tuple[list, list, str]] = (),
+            factors: list[str] | None = None) -> list[dict]:
     """The effects table: the one-factor contrasts among records (or the given (A trials, B trials,
     name) pairs), then the named ones, each B - A with stats.paired_effect, its paired-t p
-    Holm-adjusted across the whole table, and a verdict."""
+    Holm-adjusted across the whole table, and a verdict. factors: only the contrasts of these factors
+    (the table, and the family Holm adjusts over)."""
     if pairs is None:
         cells = group(records)
         pairs = [(cells[a], cells[b], f) for a, b, f in one_factor_pairs(cells)] + curation_pairs(cells)
-    pairs = list(pairs) + list(named)
+    pairs = [pair for pair in list(pairs) + list(named) if not factors or pair[2] in factors]
     rows = []
     for a_trials, b_trials, factor in pairs:
         a, b = per_seed(a_trials), per_seed(b_trials)

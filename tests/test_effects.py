@@ -43,7 +43,8 @@ def test_a_curated_run_pairs_with_its_published_data_partner_on_the_published_te
         curated.append(study.Trial(t.config, "ok", {"accuracy": full + 0.01, "macro_f1": full + 0.01,
                                                     "test_full_accuracy": full, "test_full_macro_f1": full},
                                    dataset="minerals-abc-curated-0123456789"))
-    (row,) = effects.effects(published + curated)
+    assert {r["factor"] for r in effects.effects(published + curated + planted(0.03))} == {"curation", "attention"}
+    (row,) = effects.effects(published + curated + planted(0.03), factors=["curation"])
     assert row["factor"] == "curation" and row["n"] == 8 and row["b"].endswith(", curated data")
     assert row["mean"] == pytest.approx(0.02) and row["mcnemar_seeds"] == 0  # per seed only
 
