@@ -67,7 +67,11 @@ def test_cached_features_match_the_uncached_path(image_folder, tmp_path, attenti
     for a, b in zip(rows_c, rows_u):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=tolerance)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=tolerance)
-    assert res_c["test_loss"] == pytest.approx(res_u["test_loss"], abs=tolerance)
+    # The test loss is the chosen epoch's; bf16 rounding may flip a one-image tie in validation accuracy, and so
+    # the epoch chosen, which fp32 must not.
+    if precision == "fp32" or res_c["best_epoch"] == res_u["best_epoch"]:
+        assert res_c["best_epoch"] == res_u["best_epoch"]
+        assert res_c["test_loss"] == pytest.approx(res_u["test_loss"], abs=tolerance)
 
 
 def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
