@@ -7,6 +7,7 @@ seed, beside the space's baseline (the paper's recipe) on the same seeds, and co
     python -m orestudy.search se_ablation_cpu --folds 3 --name se_ablation_cpu_k3   # a 3-fold objective
     python -m orestudy.search se_ablation_cpu --resume                 # continue an interrupted search
     python -m orestudy.search se_ablation_cpu --resume --trials 40     # or extend a finished one
+    python -m orestudy.search se_ablation_cpu --reuse runs/other/trials.jsonl   # retrain only what no record holds
 
 A search space is a YAML file in search_spaces/ (or any path): see orestudy/search_space.py.
 Everything goes to <output>/<name>/ (orestudy/search_study.py says what is there).
@@ -55,6 +56,10 @@ def parser() -> argparse.ArgumentParser:
                    help="retrain the space's baseline (the paper recipe) beside the best")
     r.add_argument("--baseline-seeds", nargs="+", action=cli.list_option(int), default=[],
                    help="the baseline's seeds, when fewer than --seeds are affordable (default: the same)")
+    r.add_argument("--reuse", action="append", default=[], metavar="TRIALS_JSONL",
+                   help="finished trials of earlier studies (a replicate report's or a search's trials.jsonl, from "
+                        "any machine): a retraining run of the same configuration, seed and data is not run again "
+                        "but read from its record; repeatable")
     cli.add_options(p, StudySettings, group_titles={WHERE: "where the search lives and how its trials run"})
     return p
 
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
         space = load_space(args.space)
         settings = cli.from_args(args, StudySettings, name=args.name or space.name)
         options = SearchSettings(args.trials, args.time_budget, tuple(args.seeds), args.baseline,
-                                 tuple(args.baseline_seeds), args.resume, args.sampler_seed, args.folds)
+                                 tuple(args.baseline_seeds), args.resume, args.sampler_seed, args.folds,
+                                 tuple(args.reuse))
         # Ctrl-C stops the whole search, not just Tune's part of it (after which the retraining would
         # start); the trials it cuts short stay "running" in the study, and --resume runs them first.
         with mock.patch.dict(os.environ, {"TUNE_DISABLE_SIGINT_HANDLER": "1"}), study.connected(settings.address or None):

@@ -42,6 +42,7 @@ class SearchSettings:
     resume: bool = False
     sampler_seed: int = 0
     folds: int = 0                  # the objective's folds; 0: the space's budget.folds
+    reuse: tuple[str, ...] = ()     # trials.jsonl files whose finished records stand in for retraining runs
 
 
 def open_study(space: SearchSpace, folder: Path, name: str, resume: bool) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
@@ -177,14 +178,23 @@ def search_session(found: optuna.Study, storage, space: SearchSpace, settings: s
         "trials_finished": len(finished(found)) - done_before, "search_seconds": round(time.time() - started, 1)}])
 
 
-def retrain(settings: study.StudySettings, label: str, config: dict, seeds) -> list[study.Trial]:
+def retrain(settings: study.StudySettings, label: str, config: dict, seeds, earlier: list[study.Trial],
+            dataset: str) -> list[study.Trial]:
     """config trained and tested once per seed (a grid through study.run_study) on the seed's own
-    split; continued if a previous session left it unfinished."""
-    runs = study.StudySettings(**{**vars(settings), "storage_path": settings.path,
-                                  "name": f"retrain-{label}-s{'+'.join(map(str, seeds))}"})
+    split; continued if a previous session left it unfinished. A seed whose computation an earlier
+    record (--reuse) holds on the same data is not trained again: the record stands in for it."""
     grid = [{**config, "seed": s, "name": f"{label}-s{s}"} for s in seeds]
-    results = study.run_study({"config": tune.grid_search(grid)}, runs, resume=tune.Tuner.can_restore(runs.path))
-    return sorted(study.outcomes(results), key=lambda o: o.config["seed"])
+    to_run, reused = study.reusable(grid, earlier, dataset)
+    if reused:
+        print(f"[search] {label}: seeds {', '.join(str(r.config['seed']) for r in reused)} from earlier records",
+              flush=True)
+    ran = []
+    if to_run:
+        runs = study.StudySettings(**{**vars(settings), "storage_path": settings.path,
+                                      "name": f"retrain-{label}-s{'+'.join(str(c['seed']) for c in to_run)}"})
+        results = study.run_study({"config": tune.grid_search(to_run)}, runs, resume=tune.Tuner.can_restore(runs.path))
+        ran = study.outcomes(results)
+    return sorted(reused + ran, key=lambda o: o.config["seed"])
 
 
 def retrain_picks(found: optuna.Study, space: SearchSpace, settings: study.StudySettings, options: SearchSettings,
@@ -195,14 +205,15 @@ def retrain_picks(found: optuna.Study, space: SearchSpace, settings: study.Study
     best, retrained = best_trial(found), {}
     if best is None or not options.seeds:
         return retrained
-    retrained[f"best ({trial_name(settings.name, best.number)})"] = retrain(
-        settings, f"best{best.number:03d}", {**runtime, **space.config(best.params)}, options.seeds)
-    if options.baseline:
-        retrained["baseline (paper recipe)"] = retrain(
-            settings, "baseline", {**runtime, **space.baseline_config()}, options.baseline_seeds or options.seeds)
     records = data.scan_cached(settings.data, False, settings.cache)[0]
     curation = data.read_curation(settings.curation, records, settings.data) if settings.curation else None
     dataset = data.dataset_name(settings.data, records, curation)
+    earlier = [r for path in options.reuse for r in study.read_records(path)]
+    retrained[f"best ({trial_name(settings.name, best.number)})"] = retrain(
+        settings, f"best{best.number:03d}", {**runtime, **space.config(best.params)}, options.seeds, earlier, dataset)
+    if options.baseline:
+        retrained["baseline (paper recipe)"] = retrain(settings, "baseline", {**runtime, **space.baseline_config()},
+                                                       options.baseline_seeds or options.seeds, earlier, dataset)
     folder = Path(settings.output) / settings.name
     study.write_records(folder / "trials.jsonl",
                         [o.record(dataset) for runs in retrained.values() for o in runs if o.config])

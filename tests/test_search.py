@@ -6,6 +6,7 @@ import pytest
 import ray
 
 from orestudy import search, search_report, search_space, search_study, study, tracking
+from orestudy.config import REPO_ROOT
 
 TINY_SPACE = """
 description: tiny search on generated images
@@ -41,6 +42,15 @@ def test_space_errors_name_file_and_key(tmp_path, text, where):
     path.write_text(text)
     with pytest.raises(search_space.SearchSpaceError, match=f"bad.yaml: {where}"):
         search_space.load_space(str(path))
+
+
+def test_the_cpu_spaces_baseline_is_the_replications_paper_recipe():
+    """So search --reuse takes the committed TL+DA+SE frozen-10 records for the baseline's seeds."""
+    space = search_space.load_space("se_ablation_cpu")
+    records = study.read_records(REPO_ROOT / "docs/results/uncurated_default/trials.jsonl")
+    baseline = [{**space.baseline_config(), "seed": r.config["seed"], "name": "baseline"} for r in records]
+    to_run, reused = study.reusable(baseline, records, records[0].dataset)
+    assert to_run == [] and [r.metrics["accuracy"] for r in reused] == [r.metrics["accuracy"] for r in records]
 
 
 @pytest.fixture
@@ -120,6 +130,14 @@ def test_tiny_search_resumes_and_retrains(image_folder, tmp_path, monkeypatch, r
     assert parent.data.metrics["best_test_accuracy_mean"] == pytest.approx(summary["retrained"][
         next(label for label in summary["retrained"] if label.startswith("best"))]["mean"])
     assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # A later search (the K = 3 one beside a K = 1 one, say) takes the baseline's seed from these records
+    # instead of training it again; its own pick is retrained.
+    again = search.main(common + ["--name", "tiny_again", "--seeds", "2", "--reuse", str(out / "tiny" / "trials.jsonl")])
+    assert again["retrained"]["baseline (paper recipe)"]["per_seed"] == summary["retrained"]["baseline (paper recipe)"]["per_seed"]
+    assert not (out / "tiny_again" / "baseline-s2").exists()
+    assert (out / "tiny_again" / "baseline.jsonl").read_text() == (out / "tiny" / "baseline.jsonl").read_text()
+    assert any(p.name.startswith("best") and p.name.endswith("-s2") for p in (out / "tiny_again").iterdir())
 
 
 @pytest.mark.slow
