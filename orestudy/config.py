@@ -215,6 +215,12 @@ def computation(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in where}
 
 
+def is_ensemble(config: dict) -> bool:
+    """An ensemble's record (ensemble.ensemble_trial) has for config its members' computations, the
+    seed they share and how their weights were chosen, instead of TrainConfig fields."""
+    return "members" in config
+
+
 def computation_of(config: TrainConfig) -> dict:
     return computation(asdict(config))
 

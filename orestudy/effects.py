@@ -18,23 +18,30 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .config import complete, computation
+from .config import complete, computation, is_ensemble
 
 ORDER = {"attention": ["none", "se", "eca", "cbam"], "regime": ["scratch", "tl", "tl_da"]}
 
 
 def cell_key(config: dict) -> str:
-    """A configuration over seeds: what it computes, less the seed (missing fields take defaults)."""
+    """A configuration over seeds: what it computes, less the seed (missing fields take defaults); an
+    ensemble's, its members' and how their weights were chosen."""
+    if is_ensemble(config):
+        return json.dumps({"members": sorted(map(cell_key, config["members"])), "selection": config["selection"]},
+                          sort_keys=True)
     return json.dumps({k: v for k, v in computation(complete(config)).items() if k != "seed"},
                       sort_keys=True, default=str)
 
 
 def cell_label(config: dict) -> str:
+    if is_ensemble(config):
+        return f"ensemble of {' + '.join(complete(m)['backbone'] for m in config['members'])} (weights on validation)"
     c = complete(config)
     att = "" if c["attention"] == "none" else f" +{c['attention'].upper()} r{c['reduction']}"
     frozen = ("frozen" if c["freeze_epochs"] >= c["epochs"] else "trained" if c["freeze_epochs"] == 0
               else f"frozen {c['freeze_epochs']}/{c['epochs']}")
-    return f"{c['backbone']} {c['regime']}{att}, {frozen}"
+    depth = f", first {c['freeze_depth']} units frozen" if c["freeze_depth"] else ""
+    return f"{c['backbone']} {c['regime']}{att}, {frozen}{depth}"
 
 
 def per_seed(trials: list) -> dict:
@@ -114,7 +121,9 @@ def effects(records: list, pairs: list[tuple[list, list, str]] | None = None,
     if pairs is None:
         cells = group(records)
         pairs = [(cells[a], cells[b], f) for a, b, f in one_factor_pairs(cells)] + curation_pairs(cells)
-    pairs = [pair for pair in list(pairs) + list(named) if not factors or pair[2] in factors]
+    seen = {(cell_key(a[0].config), cell_key(b[0].config)) for a, b, _ in pairs}  # a named one-factor pair once
+    named = [(a, b, f) for a, b, f in named if (cell_key(a[0].config), cell_key(b[0].config)) not in seen]
+    pairs = [pair for pair in list(pairs) + named if not factors or pair[2] in factors]
     rows = []
     for a_trials, b_trials, factor in pairs:
         a, b = per_seed(a_trials), per_seed(b_trials)

@@ -89,31 +89,44 @@ def caruana_weights(val_probs, val_labels, rounds: int):
     return history[chosen][1] / history[chosen][1].sum()
 
 
+SELECTION = "caruana2004 greedy with replacement, on validation"
+
+
+def combine(val_probs, val_labels, test_probs, test_labels, classes: list[str], config: dict):
+    """The one ensemble computation, of run folders and of records alike: weights chosen on validation,
+    the unknown threshold and sets calibrated on it as for a run (config: the members' settings), then
+    the test split scored once. (weights, validation Evaluation, calibration, test Evaluation, test metrics)."""
+    from .evaluation import calibration, mixture, test_metrics
+
+    weights = caruana_weights(val_probs, val_labels, ROUNDS_PER_MEMBER * len(val_probs))
+    val = mixture(val_probs, weights, val_labels)
+    calibrated = calibration(val.probabilities, val.labels, config["unknown_target_error"], config["unknown_delta"])
+    test = mixture(test_probs, weights, test_labels)  # the weights are fixed by now
+    result = test_metrics(test, classes, calibrated, config["set_coverage"])
+    result.update({"best_val_accuracy": val.accuracy, "val_loss": val.loss, "n_val": len(val_labels),
+                   "n_test": len(test_labels)})
+    return weights, val, calibrated, test, result
+
+
 def build_ensemble(run_dirs: list[str | Path], output: str | Path) -> dict:
     """Choose the weights on validation, score the test split once, and write the ensemble folder."""
     from . import reports
     from .config import complete
-    from .evaluation import calibration, mixture, per_image, test_metrics
+    from .evaluation import per_image
 
     members = [read_member(Path(d)) for d in run_dirs]
     check_members(members)
     classes = members[0]["classes"]
     val_probs, val_labels, val_shas = split_probabilities(members, "val")
-    weights = caruana_weights(val_probs, val_labels, ROUNDS_PER_MEMBER * len(members))
-    val = mixture(val_probs, weights, val_labels)
-    config = complete(members[0]["config"])  # the guarantee and sets the members were run with
-    calibrated = calibration(val.probabilities, val.labels, config["unknown_target_error"], config["unknown_delta"])
-    test_probs, test_labels, test_shas = split_probabilities(members, "test")  # the weights are fixed by now
-    test = mixture(test_probs, weights, test_labels)
-
+    test_probs, test_labels, test_shas = split_probabilities(members, "test")
+    # the guarantee and sets the members were run with
+    weights, val, calibrated, test, result = combine(val_probs, val_labels, test_probs, test_labels, classes,
+                                                     complete(members[0]["config"]))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    result = test_metrics(test, classes, calibrated, config["set_coverage"])
-    result.update({"best_val_accuracy": val.accuracy, "val_loss": val.loss, "n_val": len(val_labels),
-                   "n_test": len(test_labels), "run_dir": str(output)})
+    result["run_dir"] = str(output)
     spec = {"members": [os.path.relpath(m["dir"].resolve(), output.resolve()) for m in members],
-            "weights": weights.round(6).tolist(), "selection": "caruana2004 greedy with replacement, on validation",
-            **calibrated, "class_names": classes,
+            "weights": weights.round(6).tolist(), "selection": SELECTION, **calibrated, "class_names": classes,
             "val_accuracy": val.accuracy, "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"]}
     (output / "ensemble.json").write_text(json.dumps(spec, indent=2))
     (output / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -122,6 +135,47 @@ def build_ensemble(run_dirs: list[str | Path], output: str | Path) -> dict:
     outcomes = per_image("val", images(val_shas), val) + per_image("test", images(test_shas), test)
     reports.write_predictions(output / "predictions.csv", outcomes, classes)
     return {**spec, "metrics": result}
+
+
+def record_probabilities(trials: list, split: str):
+    """(probabilities (members, images, classes), labels, hashes) of one split from trial records'
+    per-image rows, in the first member's order; members that saw other images are refused."""
+    import numpy as np
+
+    rows = [{sha: (label, probs) for s, sha, label, probs in t.metrics["predictions"] if s == split} for t in trials]
+    shas = list(rows[0])
+    for trial, mine in zip(trials[1:], rows[1:]):
+        if {sha: label for sha, (label, _) in mine.items()} != {sha: rows[0][sha][0] for sha in shas}:
+            raise ValueError(f"{split} images or labels differ between the records of seed {trial.config['seed']} "
+                             f"(an ensemble's members must share one split)")
+    return (np.array([[mine[sha][1] for sha in shas] for mine in rows], dtype=float),
+            np.array([rows[0][sha][0] for sha in shas]), shas)
+
+
+def ensemble_trial(trials: list, dataset: str):
+    """The ensemble of finished trial records of one seed, as a record itself (study.Trial): computed
+    from their per-image validation and test probabilities, exactly as build_ensemble computes it from
+    run folders, so a study's report can add an ensemble row, and compare can pair it, from records alone."""
+    from .config import complete, computation
+    from .evaluation import per_image
+    from .study import Trial
+
+    if len(trials) < 2 or any(not t.metrics.get("predictions") for t in trials):
+        raise ValueError("an ensemble needs at least two records with per-image predictions")
+    seeds = {t.config["seed"] for t in trials}
+    if len(seeds) > 1 or any(t.dataset != dataset for t in trials):
+        raise ValueError(f"an ensemble's records must share one data set and seed, not seeds {sorted(seeds)}")
+    val_probs, val_labels, val_shas = record_probabilities(trials, "val")
+    test_probs, test_labels, test_shas = record_probabilities(trials, "test")
+    classes = trials[0].metrics["class_names"]
+    weights, val, _, test, result = combine(val_probs, val_labels, test_probs, test_labels, classes,
+                                            complete(trials[0].config))
+    images = lambda shas: [SimpleNamespace(sha256=sha) for sha in shas]
+    result.update({"status": "ok", "class_names": classes, "weights": weights.round(6).tolist(),
+                   "wall_seconds": sum(t.metrics.get("wall_seconds", 0) for t in trials),
+                   "predictions": per_image("val", images(val_shas), val) + per_image("test", images(test_shas), test)})
+    config = {"members": [computation(complete(t.config)) for t in trials], "seed": seeds.pop(), "selection": SELECTION}
+    return Trial(config, "ok", result, dataset=dataset)
 
 
 def log_run(runs: str | Path, experiment: str, output: Path, spec: dict) -> str:

@@ -1,6 +1,8 @@
 """The experimental grid of a replication study (experiments/paper_grid.yaml): cells, schedules, seeds.
 
 A cell is one row of a table: backbone x regime x attention x freezing schedule, run once per seed.
+A table may mark one row `reference: true` (every other row, and the
+ensemble, is compared with it) and ask for `ensemble: true` (per seed, the ensemble of its other rows).
 `load_grid` reads and checks a grid file (every value is a TrainConfig field, type-checked, and every
 error names the file and the key); `trial_configs` expands the chosen cells into the trials' configs.
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import REPO_ROOT, TrainConfig
+from .config import REPO_ROOT, TrainConfig, is_ensemble
 
 GRID = REPO_ROOT / "experiments" / "paper_grid.yaml"
 PUBLISHED = REPO_ROOT / "experiments" / "published_results.yaml"
@@ -45,6 +47,11 @@ def load_grid(path: str | Path) -> dict:
                              f"the grid has {sorted(grid['schedules'])}")
         TrainConfig.from_dict({**grid["paper"], **dict(cell.extra), "backbone": cell.backbone, "regime": cell.regime,
                                "attention": cell.attention}, f"{path}: tables.{cell.table}")
+    for table, spec in grid["tables"].items():
+        if sum(c.reference for c in grid_cells(grid) if c.table == table) > 1:
+            raise ValueError(f"{path}: tables.{table}: more than one row is the reference")
+        if not isinstance(spec.get("ensemble", False), bool):
+            raise ValueError(f"{path}: tables.{table}.ensemble: true or false, got {spec['ensemble']!r}")
     return grid
 
 
@@ -57,6 +64,7 @@ class Cell:
     attention: str
     schedule: str
     extra: tuple = ()  # further TrainConfig fields the grid sets for this cell, as (key, value) pairs
+    reference: bool = False  # the row every other row of its table (and its ensemble) is compared with
 
     @property
     def row(self) -> str:
@@ -73,7 +81,8 @@ def grid_cells(grid: dict) -> list[Cell]:
             for values in itertools.product(*lists.values()):
                 fields = dict(zip(lists, values))
                 core = {k: fields.pop(k) for k in CELL_KEYS}
-                cells.append(Cell(table, **core, extra=tuple(sorted(fields.items()))))
+                reference = bool(fields.pop("reference", False))
+                cells.append(Cell(table, **core, extra=tuple(sorted(fields.items())), reference=reference))
     return cells
 
 
@@ -105,7 +114,7 @@ def trial_configs(grid: dict, cells: list[Cell], seeds: list[int], settings: dic
 
 def belongs(config: dict | None, cell: Cell, grid: dict) -> bool:
     """Whether a trial's config is one of the cell's (None: a trial that never started)."""
-    return (config is not None and all(config[k] == getattr(cell, k) for k in CELL_KEYS[:3])
+    return (config is not None and not is_ensemble(config) and all(config[k] == getattr(cell, k) for k in CELL_KEYS[:3])
             and all(config[k] == v for k, v in cell.extra)
             and config["freeze_epochs"] == frozen_epochs(grid, cell.schedule, config["epochs"]))
 

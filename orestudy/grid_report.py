@@ -53,21 +53,57 @@ def formatted(row: dict) -> str:
 
 
 def study_tables(grid: dict, published: dict, cells: list[Cell], trials: list[study.Trial],
-                 epochs: int) -> dict[str, pd.DataFrame]:
-    """Per table, one row per cell: the published numbers, then orestudy's over the seeds."""
+                 epochs: int, ensembles: dict[str, list[study.Trial]]) -> dict[str, pd.DataFrame]:
+    """Per table, one row per cell: the published numbers, then orestudy's over the seeds; then the
+    table's ensemble, where it has one."""
     tables = {}
     for table in dict.fromkeys(c.table for c in cells):
         rows = []
         for cell in (c for c in cells if c.table == table):
             mine = [t for t in trials if belongs(t.config, cell, grid)]
-            rows.append({"model": MODEL_NAMES.get(cell.backbone, cell.backbone), "backbone": cell.backbone,
-                         "regime": ROW_NAMES.get(cell.row, cell.row), "schedule": cell.schedule,
-                         "backbone_training": schedule_label(frozen_epochs(grid, cell.schedule, epochs), epochs),
-                         "epochs": epochs,
+            rows.append({"model": MODEL_NAMES.get(cell.backbone, cell.backbone) + " (reference)" * cell.reference,
+                         "backbone": cell.backbone, "regime": ROW_NAMES.get(cell.row, cell.row),
+                         "schedule": cell.schedule,
+                         "backbone_training": schedule_label(frozen_epochs(grid, cell.schedule, epochs), epochs)
+                         + "".join(f", {k} {v}" for k, v in cell.extra), "epochs": epochs,
                          **{source: published_value(published, source, cell) for source in published["sources"]},
                          **summarize(mine)})
+        if table in ensembles:
+            rows.append({"model": "Ensemble of the other rows", "backbone": "ensemble", "regime": "",
+                         "schedule": "", "backbone_training": "weights chosen per seed on validation",
+                         "epochs": epochs, **{source: None for source in published["sources"]},
+                         **summarize(ensembles[table])})
         tables[table] = pd.DataFrame(rows)
     return tables
+
+
+def table_ensembles(grid: dict, cells: list[Cell], trials: list[study.Trial], dataset: str) -> dict[str, list]:
+    """Per table that asks for one (ensemble: true), per seed on which all its rows but the reference
+    finished with per-image records: the ensemble of those trials (ensemble.ensemble_trial)."""
+    from .ensemble import ensemble_trial
+
+    out = {}
+    for table, spec in grid["tables"].items():
+        rows = [c for c in cells if c.table == table and not c.reference]
+        if not spec.get("ensemble") or len(rows) < 2:
+            continue
+        ok = [{t.config["seed"]: t for t in trials if t.status == "ok" and belongs(t.config, c, grid)
+               and t.metrics.get("predictions")} for c in rows]
+        seeds = sorted(set.intersection(*(set(by_seed) for by_seed in ok)))
+        out[table] = [ensemble_trial([by_seed[s] for by_seed in ok], dataset) for s in seeds]
+    return {table: made for table, made in out.items() if made}
+
+
+def reference_pairs(grid: dict, cells: list[Cell], trials: list[study.Trial],
+                    ensembles: dict[str, list]) -> list[tuple[list, list, str]]:
+    """(reference trials, row trials, "vs reference") for every other row of a table with a reference
+    row, and for its ensemble: the effects table's named contrasts."""
+    mine = lambda cell: [t for t in trials if t.status == "ok" and belongs(t.config, cell, grid)]
+    pairs = []
+    for reference in (c for c in cells if c.reference and mine(c)):
+        others = [mine(c) for c in cells if c.table == reference.table and not c.reference]
+        pairs += [(mine(reference), ts, "vs reference") for ts in others + [ensembles.get(reference.table, [])] if ts]
+    return pairs
 
 
 def markdown(frame: pd.DataFrame, published: dict, paper_epochs: int) -> str:
@@ -172,16 +208,18 @@ def report_text(grid: dict, published: dict, tables: dict[str, pd.DataFrame], tr
 def write_report(grid: dict, published: dict, cells: list[Cell], trials: list[study.Trial], epochs: int, folder: Path,
                  name: str, dataset: str) -> tuple[str, list[Path]]:
     """Tables (CSV), report.md, figures, and trials.jsonl: the records of every trial that ran to an
-    end, for --reuse by a later study."""
+    end, for --reuse by a later study, and of the tables' ensembles."""
     folder.mkdir(parents=True, exist_ok=True)
-    tables = study_tables(grid, published, cells, trials, epochs)
-    paths = [folder / "trials.jsonl"]
     ran = [replace(t, dataset=dataset) for t in trials if t.config is not None and t.status != study.UNFINISHED]
-    study.write_records(paths[0], [t.record(dataset) for t in ran])
+    ensembles = table_ensembles(grid, cells, ran, dataset)
+    tables = study_tables(grid, published, cells, trials, epochs, ensembles)
+    paths = [folder / "trials.jsonl"]
+    made = [t for table in ensembles.values() for t in table]
+    study.write_records(paths[0], [t.record(dataset) for t in ran + made])
     for table, frame in tables.items():
         paths.append(folder / f"{table}.csv")
         frame.to_csv(paths[-1], index=False)
-    contrasts = effects.effects(ran)
+    contrasts = effects.effects(ran + made, named=reference_pairs(grid, cells, ran, ensembles))
     paths += effects.write(folder, contrasts)
     text = report_text(grid, published, tables, trials, name, epochs, contrasts)
     paths.append(folder / "report.md")

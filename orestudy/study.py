@@ -24,7 +24,7 @@ import torch
 from ray import tune
 
 from . import models, tracking
-from .config import StudySettings, TrainConfig, complete, computation
+from .config import StudySettings, TrainConfig, complete, computation, is_ensemble
 from .training import run_experiment
 
 SKIPPED_OFFLINE = "skipped: weights unavailable offline"
@@ -246,13 +246,16 @@ def outcomes(results: tune.ResultGrid) -> list[Trial]:
 
 RECORD_METRICS = ("status", "reason", "accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
                   "wall_seconds", "device", "precision", "threads", "confusion_matrix", "class_names",
-                  "predictions", "curation", "n_test_full", "test_full_accuracy", "test_full_macro_f1", "tta")
+                  "predictions", "curation", "n_test_full", "test_full_accuracy", "test_full_macro_f1", "tta",
+                  "weights")
 HISTORY_COLUMNS = ("epoch", "frozen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds")
 
 
 def computation_key(config: dict) -> str | None:
     """What a config computes, as a string; a field added to TrainConfig since the config was saved
     takes the value that computed it then (config.complete). None for a config this version cannot read."""
+    if is_ensemble(config):
+        return json.dumps({**config, "members": sorted(map(computation_key, config["members"]))}, sort_keys=True)
     try:
         return json.dumps(computation(asdict(TrainConfig.from_dict(computation(complete(config))))), sort_keys=True)
     except (TypeError, ValueError):

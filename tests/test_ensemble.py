@@ -117,3 +117,41 @@ def test_the_ensemble_is_an_mlflow_run_naming_its_members_runs(tmp_path, monkeyp
     assert float(logged.data.params["member_0_weight"]) == spec["weights"][0]
     names = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert {"ensemble.json", "metrics.json", "predictions.csv"} <= names
+
+
+def as_record(run, seed: int = 0, backbone: str = "mobilenet_v2"):
+    """A run folder as a trial record keeps it: per-image [split, sha, label index, probabilities]."""
+    from orestudy import study
+
+    frame = pd.read_csv(run / "predictions.csv")
+    rows = [[r.split, r.sha256, CLASSES.index(r.label), [getattr(r, f"p_{c}") for c in CLASSES]]
+            for r in frame.itertuples()]
+    return study.Trial({"backbone": backbone, "seed": seed}, "ok", {"predictions": rows, "class_names": CLASSES},
+                       dataset="fake")
+
+
+def test_an_ensemble_of_records_is_the_ensemble_of_their_run_folders(tmp_path):
+    """The study's ensemble rows (from records) and `orestudy ensemble` (from run folders) compute the
+    same weights, threshold and test result; the record round-trips and keys apart from its members."""
+    from orestudy import effects, study
+
+    runs = [fake_run(tmp_path / name, {"val": v, "test": t}, seed=i)
+            for i, (name, v, t) in enumerate([("a", 0.9, 0.7), ("b", 0.75, 0.85), ("c", 0.6, 0.9)])]
+    folders = ensemble.build_ensemble(runs, tmp_path / "ens")
+    made = ensemble.ensemble_trial([as_record(r, backbone=b) for r, b in zip(runs, ("mobilenet_v1", "mobilenet_v2",
+                                                                                    "efficientnet_lite0"))], "fake")
+    assert made.metrics["weights"] == folders["weights"]
+    assert made.metrics["accuracy"] == folders["test_accuracy"] and made.metrics["macro_f1"] == folders["test_macro_f1"]
+    assert made.metrics["unknown_threshold"] == folders["unknown_threshold"]
+    assert made.metrics["n_test"] == 15 and len(made.metrics["predictions"]) == 30
+    path = tmp_path / "trials.jsonl"
+    study.write_records(path, [made.record("fake"), as_record(runs[0]).record("fake")])
+    back = study.unique_records(study.read_records(path))
+    assert len(back) == 2 and back[0].metrics["accuracy"] == made.metrics["accuracy"]
+    assert effects.cell_label(back[0].config) == ("ensemble of mobilenet_v1 + mobilenet_v2 + efficientnet_lite0 "
+                                                  "(weights on validation)")
+    other_split = as_record(fake_run(tmp_path / "d", {"val": 0.8, "test": 0.8}, seed=4, split_seed=7))
+    with pytest.raises(ValueError, match="differ"):
+        ensemble.ensemble_trial([as_record(runs[0]), other_split], "fake")
+    with pytest.raises(ValueError, match="one data set and seed"):
+        ensemble.ensemble_trial([as_record(runs[0]), as_record(runs[1], seed=1)], "fake")

@@ -148,6 +148,49 @@ def test_records_of_the_same_computation_on_the_same_data_stand_in_for_trials(tm
         study.read_records(path)
 
 
+def test_the_beyond_grid_report_has_its_ensemble_row_and_compares_every_row_with_the_reference(tmp_path):
+    """Synthetic trials of the beyond grid's cpu table over three seeds: the report adds the ensemble of
+    each seed's four rows (from the records), and pairs every row and the ensemble with the paper recipe."""
+    import numpy as np
+
+    grid, published = yaml.safe_load((REPO_ROOT / "experiments/beyond_grid.yaml").read_text()), paper_grid()[1]
+    cells = grids.select(grids.grid_cells(grid), only=["cpu"])
+    assert [c.reference for c in cells] == [True, False, False, False, False]
+    configs = grids.trial_configs(grid, cells, [1, 2, 3], grid["paper"])
+    labels = np.random.default_rng(0).integers(0, 7, 40)
+
+    def trial(config, skill):
+        rng = np.random.default_rng(config["seed"] * 100 + len(str(config)))
+        rows = []
+        for i, y in enumerate(labels):
+            probs = rng.dirichlet(np.ones(7)) * 0.5
+            probs[y if rng.random() < skill else (y + 1) % 7] += 0.5
+            rows.append(["val" if i % 2 else "test", f"{i:064d}", int(y), probs.round(5).tolist()])
+        test = [r for r in rows if r[0] == "test"]
+        accuracy = float(np.mean([np.argmax(r[3]) == r[2] for r in test]))
+        return study.Trial(config, "ok", {"status": "ok", "accuracy": accuracy, "macro_f1": accuracy, "n_test": 20,
+                                          "predictions": rows, "class_names": list("abcdefg"),
+                                          "confusion_matrix": np.eye(7, dtype=int).tolist(), "best_epoch": 1,
+                                          "wall_seconds": 60},
+                           [{"epoch": e, "frozen": 1, "train_loss": 1 / e, "train_accuracy": 0.5, "val_loss": 1 / e,
+                             "val_accuracy": 0.5} for e in (1, 2)])
+
+    trials = [trial(c, 0.6 if c["attention"] == "se" else 0.8) for c in configs]
+    text, files = grid_report.write_report(grid, published, cells, trials, 20, tmp_path, "beyond", "fake")
+    table = pd.read_csv(tmp_path / "cpu.csv")
+    assert list(table["model"]) == ["MobileNetV2 (reference)", "MobileNet V1", "MobileNetV2", "EfficientNet-Lite0",
+                                    "EfficientNet-Lite2", "Ensemble of the other rows"]
+    assert list(table["n"]) == [3] * 6
+    effects = pd.read_csv(tmp_path / "effects.csv")
+    against = effects[effects["factor"] == "vs reference"]
+    assert len(against) == 5 and (against["a"] == against["a"].iloc[0]).all()
+    assert against["b"].iloc[-1].startswith("ensemble of mobilenet_v1 + mobilenet_v2")
+    records = study.read_records(tmp_path / "trials.jsonl")
+    assert len(records) == 18 and sum("members" in r.config for r in records) == 3
+    assert len(study.unique_records(records)) == 18
+    assert "Ensemble of the other rows" in text
+
+
 def test_accuracy_summary_t_over_seeds_and_wilson_for_one_run():
     values = [0.90, 0.93, 0.88, 0.95, 0.91]
     s = stats.accuracy_summary(values, [171] * 5)
