@@ -79,8 +79,10 @@ def replicate(selection: Selection, settings: study.StudySettings, resume: bool 
         print("\n" + text + "\n" + "\n".join(f"wrote {path}" for path in files))
         return files
 
-    if report_only:
-        report(reused + (study.planned(configs, study.outcomes(study.saved_results(settings))) if configs else []))
+    if report_only:  # trials no record holds are the saved study's; with records and no study, not run yet
+        saved = [] if not configs or (reused and not tune.Tuner.can_restore(settings.path)) \
+            else study.outcomes(study.saved_results(settings))
+        report(reused + study.planned(configs, saved))
         return 0
     study.check_state(settings, resume)
     with study.connected(settings.address or None):

@@ -330,6 +330,12 @@ def test_a_later_study_reuses_finished_trials_and_a_report_needs_no_rerun(tiny_r
     assert replicate.main(tiny_study(tmp / "minerals", tmp, "--name", "tiny", "--report-only")) == 0
     assert pd.read_csv(report / "tiny.csv").set_index("schedule").loc["unfrozen"]["mean"] == before["mean"]
 
+    # Records alone, under a name no study has (a study run in parts): what they hold, the rest not run yet.
+    assert replicate.main(tiny_study(tmp / "minerals", tmp, "--name", "tiny-parts", "--report-only",
+                                     "--reuse", str(report / "trials.jsonl"))) == 0
+    parts = pd.read_csv(tmp / "runs" / "tiny-parts" / "report" / "tiny.csv").set_index("schedule")
+    assert parts.loc["unfrozen"]["mean"] == before["mean"] and parts.loc["half"]["status"] == study.UNFINISHED
+
 
 # ---------------------------------------------------------------------------------------------------
 # Interrupt a study after its first trial and during its second, then resume it
