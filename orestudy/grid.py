@@ -1,8 +1,8 @@
 """The experimental grid of a replication study (experiments/paper_grid.yaml): cells, schedules, seeds.
 
 A cell is one row of a table: backbone x regime x attention x freezing schedule, run once per seed.
-A table may mark one row `reference: true` (every other row, and the
-ensemble, is compared with it) and ask for `ensemble: true` (per seed, the ensemble of its other rows).
+A table may mark one row `reference: true` (every other row, and the ensemble, is compared with it)
+and ask for `ensemble: true` (per seed, the ensemble of its other rows).
 `load_grid` reads and checks a grid file (every value is a TrainConfig field, type-checked, and every
 error names the file and the key); `trial_configs` expands the chosen cells into the trials' configs.
 """
