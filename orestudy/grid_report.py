@@ -140,7 +140,8 @@ def figures(grid: dict, cells: list[Cell], trials: list[study.Trial], folder: Pa
             if row in panels:
                 ts = ok[panels[row]]
                 mean = sum(t.metrics["accuracy"] for t in ts) / len(ts)
-                matrices[f"{ROW_NAMES[row]}: accuracy {mean:.3f} (n={len(ts)})"] = sum(
+                extra = "".join(f", {k} {v}" for k, v in panels[row].extra)
+                matrices[f"{ROW_NAMES[row]}{extra}: accuracy {mean:.3f} (n={len(ts)})"] = sum(
                     pd.DataFrame(t.metrics["confusion_matrix"]) for t in ts).values.tolist()
         seeds = sorted({t.config["seed"] for row in panels.values() for t in ok[row]})
         paths.append(folder / f"fig9_confusion_{backbone}_{schedule}.png")
