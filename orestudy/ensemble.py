@@ -108,11 +108,18 @@ def combine(val_probs, val_labels, test_probs, test_labels, classes: list[str], 
     return weights, val, calibrated, test, result
 
 
+def outcomes(val_shas: list[str], val, test_shas: list[str], test) -> list[list]:
+    """The ensemble's per-image rows (evaluation.per_image) of both splits, by image content hash."""
+    from .evaluation import per_image
+
+    images = lambda shas: [SimpleNamespace(sha256=sha) for sha in shas]  # per_image takes records
+    return per_image("val", images(val_shas), val) + per_image("test", images(test_shas), test)
+
+
 def build_ensemble(run_dirs: list[str | Path], output: str | Path) -> dict:
     """Choose the weights on validation, score the test split once, and write the ensemble folder."""
     from . import reports
     from .config import complete
-    from .evaluation import per_image
 
     members = [read_member(Path(d)) for d in run_dirs]
     check_members(members)
@@ -131,9 +138,7 @@ def build_ensemble(run_dirs: list[str | Path], output: str | Path) -> dict:
     (output / "ensemble.json").write_text(json.dumps(spec, indent=2))
     (output / "metrics.json").write_text(json.dumps(result, indent=2))
     shutil.copyfile(members[0]["dir"] / "split.csv", output / "split.csv")
-    images = lambda shas: [SimpleNamespace(sha256=sha) for sha in shas]  # per_image takes records
-    outcomes = per_image("val", images(val_shas), val) + per_image("test", images(test_shas), test)
-    reports.write_predictions(output / "predictions.csv", outcomes, classes)
+    reports.write_predictions(output / "predictions.csv", outcomes(val_shas, val, test_shas, test), classes)
     return {**spec, "metrics": result}
 
 
@@ -157,7 +162,6 @@ def ensemble_trial(trials: list, dataset: str):
     from their per-image validation and test probabilities, exactly as build_ensemble computes it from
     run folders, so a study's report can add an ensemble row, and compare can pair it, from records alone."""
     from .config import complete, computation
-    from .evaluation import per_image
     from .study import Trial
 
     if len(trials) < 2 or any(not t.metrics.get("predictions") for t in trials):
@@ -170,10 +174,9 @@ def ensemble_trial(trials: list, dataset: str):
     classes = trials[0].metrics["class_names"]
     weights, val, _, test, result = combine(val_probs, val_labels, test_probs, test_labels, classes,
                                             complete(trials[0].config))
-    images = lambda shas: [SimpleNamespace(sha256=sha) for sha in shas]
     result.update({"status": "ok", "class_names": classes, "weights": weights.round(6).tolist(),
                    "wall_seconds": sum(t.metrics.get("wall_seconds", 0) for t in trials),
-                   "predictions": per_image("val", images(val_shas), val) + per_image("test", images(test_shas), test)})
+                   "predictions": outcomes(val_shas, val, test_shas, test)})
     config = {"members": [computation(complete(t.config)) for t in trials], "seed": seeds.pop(), "selection": SELECTION}
     return Trial(config, "ok", result, dataset=dataset)
 

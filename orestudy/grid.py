@@ -47,8 +47,9 @@ def load_grid(path: str | Path) -> dict:
                              f"the grid has {sorted(grid['schedules'])}")
         TrainConfig.from_dict({**grid["paper"], **dict(cell.extra), "backbone": cell.backbone, "regime": cell.regime,
                                "attention": cell.attention}, f"{path}: tables.{cell.table}")
+    cells = grid_cells(grid)
     for table, spec in grid["tables"].items():
-        if sum(c.reference for c in grid_cells(grid) if c.table == table) > 1:
+        if sum(c.reference for c in cells if c.table == table) > 1:
             raise ValueError(f"{path}: tables.{table}: more than one row is the reference")
         if not isinstance(spec.get("ensemble", False), bool):
             raise ValueError(f"{path}: tables.{table}.ensemble: true or false, got {spec['ensemble']!r}")
@@ -65,6 +66,11 @@ class Cell:
     schedule: str
     extra: tuple = ()  # further TrainConfig fields the grid sets for this cell, as (key, value) pairs
     reference: bool = False  # the row every other row of its table (and its ensemble) is compared with
+
+    @property
+    def extra_label(self) -> str:
+        """The further fields as a table or figure shows them after the schedule: ", freeze_depth 14"."""
+        return "".join(f", {k} {v}" for k, v in self.extra)
 
     @property
     def row(self) -> str:

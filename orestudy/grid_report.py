@@ -65,7 +65,7 @@ def study_tables(grid: dict, published: dict, cells: list[Cell], trials: list[st
                          "backbone": cell.backbone, "regime": ROW_NAMES.get(cell.row, cell.row),
                          "schedule": cell.schedule,
                          "backbone_training": schedule_label(frozen_epochs(grid, cell.schedule, epochs), epochs)
-                         + "".join(f", {k} {v}" for k, v in cell.extra), "epochs": epochs,
+                         + cell.extra_label, "epochs": epochs,
                          **{source: published_value(published, source, cell) for source in published["sources"]},
                          **summarize(mine)})
         if table in ensembles:
@@ -140,8 +140,7 @@ def figures(grid: dict, cells: list[Cell], trials: list[study.Trial], folder: Pa
             if row in panels:
                 ts = ok[panels[row]]
                 mean = sum(t.metrics["accuracy"] for t in ts) / len(ts)
-                extra = "".join(f", {k} {v}" for k, v in panels[row].extra)
-                matrices[f"{ROW_NAMES[row]}{extra}: accuracy {mean:.3f} (n={len(ts)})"] = sum(
+                matrices[f"{ROW_NAMES[row]}{panels[row].extra_label}: accuracy {mean:.3f} (n={len(ts)})"] = sum(
                     pd.DataFrame(t.metrics["confusion_matrix"]) for t in ts).values.tolist()
         seeds = sorted({t.config["seed"] for row in panels.values() for t in ok[row]})
         paths.append(folder / f"fig9_confusion_{backbone}_{schedule}.png")
