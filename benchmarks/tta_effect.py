@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from orestudy import device as devices, effects, evaluation, prediction, stats, training
+from orestudy.reports import markdown_table
 
 
 def scored(model, meta: dict, paths: list[str], labels: np.ndarray, flips: bool, device, dtype):
@@ -41,20 +42,19 @@ def measure(run: Path, device, dtype) -> dict:
     recorded = json.loads((run / "metrics.json").read_text())  # the run's own test: plain must reproduce it
     out = {"run": run.name, "backbone": config["backbone"], "seed": config["seed"],
            "test_recorded": recorded["accuracy"], "recorded_with_flips": bool(recorded.get("tta", False))}
+    evals = {}
     for part in ("val", "test"):
         rows = split[split["split"] == part]
         paths = [str(Path(config["data"]) / p) for p in rows["path"]]
         labels = rows["label"].map(meta["class_names"].index).to_numpy()
         for flips in (False, True):
-            ev = scored(model, meta, paths, labels, flips, device, dtype)
             key = f"{part}_{'flips' if flips else 'plain'}"
-            out[key] = ev.accuracy
-            out[f"{key}_images"] = dict(zip(rows["sha256"], (ev.predictions == labels).tolist()))
-            out[f"{key}_eval"] = ev
-    out["auto_flips"] = training.with_tta("auto", out.pop("val_plain_eval"), lambda: out.pop("val_flips_eval"))[1]["tta"]
-    del out["test_plain_eval"], out["test_flips_eval"]
-    out["test_auto"] = out["test_flips"] if out["auto_flips"] else out["test_plain"]
-    out["test_auto_images"] = out["test_flips_images" if out["auto_flips"] else "test_plain_images"]
+            evals[key] = scored(model, meta, paths, labels, flips, device, dtype)
+            out[key] = evals[key].accuracy
+            out[f"{key}_images"] = dict(zip(rows["sha256"], (evals[key].predictions == labels).tolist()))
+    out["auto_flips"] = training.with_tta("auto", evals["val_plain"], lambda: evals["val_flips"])[1]["tta"]
+    chosen = "test_flips" if out["auto_flips"] else "test_plain"
+    out["test_auto"], out["test_auto_images"] = out[chosen], out[f"{chosen}_images"]
     return out
 
 
@@ -88,8 +88,6 @@ def main() -> None:
                            "p (t)": effects.p_text(e["p_t"]), "p (sign-flip)": effects.p_text(e["p_sign_flip"]),
                            "McNemar p (A-only/B-only)": f"{effects.p_text(e['p_mcnemar'])} ({e['a_only']}/{e['b_only']})"}
                           for e in found])
-    from orestudy.reports import markdown_table
-
     text = (f"{len(rows)} runs; auto chose flips for {int(per_run['auto_flips'].sum())}. A: the photos as they are.\n\n"
             + markdown_table(shown) + "\n\n" + markdown_table(per_run.round(4)) + "\n")
     print(text)

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from . import study
 
     try:
-        records = [r for path in args.records for r in study.read_records(path)]
+        records = study.read_records(*args.records)
     except (OSError, ValueError) as err:
         p.error(str(err))
     rows = answers(records, args.target_error, args.delta, args.coverage)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from . import effects, study
 
     try:
-        records = [r for path in args.records for r in study.read_records(path)]
+        records = study.read_records(*args.records)
         named = [(*(one_configuration(path) for path in pair), "contrast") for pair in args.contrast]
     except (OSError, ValueError) as err:
         p.error(str(err))

@@ -77,6 +77,11 @@ def study_tables(grid: dict, published: dict, cells: list[Cell], trials: list[st
     return tables
 
 
+def finished(trials: list[study.Trial], cell: Cell, grid: dict) -> list[study.Trial]:
+    """The cell's trials that finished ("ok")."""
+    return [t for t in trials if t.status == "ok" and belongs(t.config, cell, grid)]
+
+
 def table_ensembles(grid: dict, cells: list[Cell], trials: list[study.Trial], dataset: str) -> dict[str, list]:
     """Per table that asks for one (ensemble: true), per seed on which all its rows but the reference
     finished with per-image records: the ensemble of those trials (ensemble.ensemble_trial)."""
@@ -87,8 +92,7 @@ def table_ensembles(grid: dict, cells: list[Cell], trials: list[study.Trial], da
         rows = [c for c in cells if c.table == table and not c.reference]
         if not spec.get("ensemble") or len(rows) < 2:
             continue
-        ok = [{t.config["seed"]: t for t in trials if t.status == "ok" and belongs(t.config, c, grid)
-               and t.metrics.get("predictions")} for c in rows]
+        ok = [{t.config["seed"]: t for t in finished(trials, c, grid) if t.metrics.get("predictions")} for c in rows]
         seeds = sorted(set.intersection(*(set(by_seed) for by_seed in ok)))
         out[table] = [ensemble_trial([by_seed[s] for by_seed in ok], dataset) for s in seeds]
     return {table: made for table, made in out.items() if made}
@@ -98,7 +102,7 @@ def reference_pairs(grid: dict, cells: list[Cell], trials: list[study.Trial],
                     ensembles: dict[str, list]) -> list[tuple[list, list, str]]:
     """(reference trials, row trials, "vs reference") for every other row of a table with a reference
     row, and for its ensemble: the effects table's named contrasts."""
-    mine = lambda cell: [t for t in trials if t.status == "ok" and belongs(t.config, cell, grid)]
+    mine = lambda cell: finished(trials, cell, grid)
     pairs = []
     for reference in (c for c in cells if c.reference and mine(c)):
         others = [mine(c) for c in cells if c.table == reference.table and not c.reference]
@@ -126,7 +130,7 @@ def figures(grid: dict, cells: list[Cell], trials: list[study.Trial], folder: Pa
     """The paper's Fig. 9 (confusion matrices of TL, TL+DA, TL+DA+SE side by side, summed over seeds)
     per MobileNet and schedule, and Fig. 7/8 (learning curves, averaged over seeds) per backbone, of
     its best cell."""
-    ok = {c: [t for t in trials if t.status == "ok" and belongs(t.config, c, grid)] for c in cells}
+    ok = {c: finished(trials, c, grid) for c in cells}
     ok = {c: ts for c, ts in ok.items() if ts}
     paths = []
     for (backbone, schedule), group in itertools.groupby(

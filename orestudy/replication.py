@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from . import data, grid as grids, grid_report, study, tracking
+from . import grid as grids, grid_report, study, tracking
 
 
 @dataclass
@@ -65,10 +65,8 @@ def replicate(selection: Selection, settings: study.StudySettings, resume: bool 
               "output": str(Path(settings.output) / settings.name), "experiment": settings.experiment,
               "mlflow": settings.mlflow, "device": settings.device, "curation": settings.curation}
     configs = grids.trial_configs(grid, cells, seeds, shared)
-    earlier = [r for path in reuse for r in study.read_records(path)]
-    records = data.scan_cached(settings.data, True, settings.cache)[0]
-    curation = data.read_curation(settings.curation, records, settings.data) if settings.curation else None
-    dataset = data.dataset_name(settings.data, records, curation)
+    earlier = study.read_records(*reuse)
+    dataset = study.dataset_of(settings, progress=True)
     configs, reused = study.reusable(configs, earlier, dataset)
     print(f"[study] {settings.name}: {len(cells)} cells, {len(configs) + len(reused)} trials"
           + (f" ({len(reused)} from {', '.join(reuse)})" if reused else "") + f" -> {settings.path}", flush=True)

@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from . import data, search_report, study, tracking
+from . import search_report, study, tracking
 from .config import TrainConfig
 from .search_report import best_trial, finished, trial_name
 from .search_space import SearchSpace, SearchSpaceError, check_weights
@@ -205,10 +205,8 @@ def retrain_picks(found: optuna.Study, space: SearchSpace, settings: study.Study
     best, retrained = best_trial(found), {}
     if best is None or not options.seeds:
         return retrained
-    records = data.scan_cached(settings.data, False, settings.cache)[0]
-    curation = data.read_curation(settings.curation, records, settings.data) if settings.curation else None
-    dataset = data.dataset_name(settings.data, records, curation)
-    earlier = [r for path in options.reuse for r in study.read_records(path)]
+    dataset = study.dataset_of(settings)
+    earlier = study.read_records(*options.reuse)
     retrained[f"best ({trial_name(settings.name, best.number)})"] = retrain(
         settings, f"best{best.number:03d}", {**runtime, **space.config(best.params)}, options.seeds, earlier, dataset)
     if options.baseline:

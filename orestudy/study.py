@@ -23,7 +23,7 @@ import ray
 import torch
 from ray import tune
 
-from . import models, tracking
+from . import data, models, tracking
 from .config import StudySettings, TrainConfig, complete, computation, is_ensemble
 from .training import run_experiment
 
@@ -266,19 +266,29 @@ def write_records(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
-def read_records(path: str | Path) -> list[Trial]:
-    """The trials of a trials.jsonl; a line that is not a record is an error naming file and line."""
+def read_records(*paths: str | Path) -> list[Trial]:
+    """The trials of one or more trials.jsonl files, in order; a line that is not a record is an error
+    naming file and line."""
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        try:
-            record = json.loads(line)
-            if not {"dataset", "config", "status", "metrics", "history"} <= set(record):
-                raise ValueError("not a trial record")
-        except ValueError as err:
-            raise ValueError(f"{path}, line {number}: {err}") from None
-        records.append(Trial(record["config"], record["status"], record["metrics"], record["history"],
-                             dataset=record["dataset"]))
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            try:
+                record = json.loads(line)
+                if not {"dataset", "config", "status", "metrics", "history"} <= set(record):
+                    raise ValueError("not a trial record")
+            except ValueError as err:
+                raise ValueError(f"{path}, line {number}: {err}") from None
+            records.append(Trial(record["config"], record["status"], record["metrics"], record["history"],
+                                 dataset=record["dataset"]))
     return records
+
+
+def dataset_of(settings: StudySettings, progress: bool = False) -> str:
+    """The data set name the study's trials record (the folder's content and the curation): what a
+    reused record must carry."""
+    records = data.scan_cached(settings.data, progress, settings.cache)[0]
+    curation = data.read_curation(settings.curation, records, settings.data) if settings.curation else None
+    return data.dataset_name(settings.data, records, curation)
 
 
 def reusable(configs: list[dict], records: list[Trial], dataset: str) -> tuple[list[dict], list[Trial]]:
