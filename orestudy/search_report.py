@@ -14,7 +14,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from . import effects, reports, stats
-from .config import defaults
+from .config import REPO_ROOT, defaults
 from .search_space import SearchSpace
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -111,7 +111,14 @@ def summarise(outcomes: list) -> dict | None:
     summary["macro_f1_mean"] = float(np.mean([o.metrics["macro_f1"] for o in ok]))
     summary["not_ok"] = {o.config["seed"]: o.status for o in outcomes if o.status != "ok"}
     summary["wall_seconds"] = float(sum(o.metrics["wall_seconds"] for o in ok))
+    summary["reused"] = sum(o.reused for o in ok)  # seeds read from earlier records (--reuse), not run here
     return summary
+
+
+def shown(path: Path) -> str:
+    """A path as a committed report shows it: from the repository's root when inside it, not this machine's."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -140,7 +147,6 @@ def retrained_lines(summaries: dict[str, dict | None], contrast: list[dict]) -> 
              "mean ± std": f"{s['mean']:.4f} ± {fmt(s['std'], 2)}",
              "95 % CI": f"{s['ci_low']:.3f}-{s['ci_high']:.3f} ({s['ci_method']})",
              "macro-F1": f"{s['macro_f1_mean']:.4f}"} for label, s in summaries.items() if s]
-    hours = sum(s["wall_seconds"] for s in summaries.values() if s) / 3600
     lines = ["## Retrained and tested once per seed (seed = split + training seed)", "",
              reports.markdown_table(pd.DataFrame(rows)), "", "![retrained](retrained.png)", ""]
     ran = [set(s["per_seed"]) for s in summaries.values() if s]
@@ -150,7 +156,10 @@ def retrained_lines(summaries: dict[str, dict | None], contrast: list[dict]) -> 
         lines += [f"On the seeds both ran ({', '.join(map(str, common))}): {' vs '.join(means)}.", ""]
     if contrast:
         lines += ["### Best against the baseline, paired by seed", "", effects.markdown(contrast), ""]
-    lines += [f"Retraining: {hours:.2f} h of runs in all.", ""]
+    spent = [f"{label} {s['wall_seconds'] / 3600:.2f} h" + (f" ({s['reused']} of its seeds read from earlier records, "
+                                                            "not run again)" if s["reused"] else "")
+             for label, s in summaries.items() if s]
+    lines += [f"Retraining, the sum of the runs' own wall times: {'; '.join(spent)}.", ""]
     return lines + [f"- {label}: {(s or {}).get('not_ok') or 'no run finished'}"
                     for label, s in summaries.items() if s is None or s["not_ok"]]
 
@@ -169,7 +178,7 @@ def write_report(found: optuna.Study, space: SearchSpace, name: str, folder: Pat
     ok = [[o for o in outcomes if o.status == "ok"] for outcomes in retrained.values()]
     contrast = effects.effects([], pairs=[(ok[1], ok[0], "search best vs baseline")]) if len(ok) == 2 and all(ok) else []
     summary = {
-        "search": name, "space": str(space.path), "objective": f"best validation accuracy, mean over {space.folds} fold(s)",
+        "search": name, "space": shown(space.path), "objective": f"best validation accuracy, mean over {space.folds} fold(s)",
         "trials": {"complete": states.count(TrialState.COMPLETE), "pruned": states.count(TrialState.PRUNED),
                    "failed": states.count(TrialState.FAIL)},
         "search_seconds": sum(s["search_seconds"] for s in sessions), "sessions": sessions,
@@ -184,7 +193,7 @@ def write_report(found: optuna.Study, space: SearchSpace, name: str, folder: Pat
                  f"mean over {space.folds} grouped, stratified folds of the non-test images of each fold's best "
                  "validation accuracy")
     lines = [f"# Search `{name}`: {space.description}", "",
-             f"Space `{space.path}`; objective: {objective} (seed {space.config({}).get('seed', defaults()['seed'])}). "
+             f"Space `{shown(space.path)}`; objective: {objective} (seed {space.config({}).get('seed', defaults()['seed'])}). "
              "No search trial evaluated the test split.", "",
              f"- trials: {summary['trials']['complete']} ran all {space.epochs} epochs, "
              f"{summary['trials']['pruned']} were stopped early by ASHA, {summary['trials']['failed']} failed "

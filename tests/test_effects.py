@@ -47,6 +47,8 @@ def test_a_curated_run_pairs_with_its_published_data_partner_on_the_published_te
     (row,) = effects.effects(published + curated + planted(0.03), factors=["curation"])
     assert row["factor"] == "curation" and row["n"] == 8 and row["b"].endswith(", curated data")
     assert row["mean"] == pytest.approx(0.02) and row["mcnemar_seeds"] == 0  # per seed only
+    assert "tested on the published test split" in effects.markdown([row])  # what a curation row means
+    assert "curation" not in effects.markdown(effects.effects(planted(0.03)))  # said only where one is shown
 
 
 def test_no_effect_gives_no_verdict_of_difference():

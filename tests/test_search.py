@@ -138,6 +138,8 @@ def test_tiny_search_resumes_and_retrains(image_folder, tmp_path, monkeypatch, r
     assert not (out / "tiny_again" / "baseline-s2").exists()
     assert (out / "tiny_again" / "baseline.jsonl").read_text() == (out / "tiny" / "baseline.jsonl").read_text()
     assert any(p.name.startswith("best") and p.name.endswith("-s2") for p in (out / "tiny_again").iterdir())
+    assert {label.split()[0]: s["reused"] for label, s in again["retrained"].items()} == {"best": 0, "baseline": 1}
+    assert "(1 of its seeds read from earlier records, not run again)" in (out / "tiny_again" / "report.md").read_text()
 
 
 @pytest.mark.slow
