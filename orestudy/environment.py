@@ -7,17 +7,25 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from .config import REPO_ROOT
+
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "mlflow")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def git(*args: str) -> str:
     """git's answer in orestudy's repository; '' where there is no git or no repository (an installed copy)."""
     try:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True,
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True,
                               timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def from_repo(path: str | Path) -> str:
+    """A path as reports and MLflow show it: from orestudy's repository root when inside it (the same on
+    every machine), else in full."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def installed(package: str) -> str:

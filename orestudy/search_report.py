@@ -13,8 +13,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from . import effects, reports, stats
-from .config import REPO_ROOT, defaults
+from . import effects, environment, reports, stats
+from .config import defaults
 from .search_space import SearchSpace
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -115,12 +115,6 @@ def summarise(outcomes: list) -> dict | None:
     return summary
 
 
-def shown(path: Path) -> str:
-    """A path as a committed report shows it: from the repository's root when inside it, not this machine's."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
-
-
 def fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -177,8 +171,9 @@ def write_report(found: optuna.Study, space: SearchSpace, name: str, folder: Pat
         files.append(folder / "retrained.png")
     ok = [[o for o in outcomes if o.status == "ok"] for outcomes in retrained.values()]
     contrast = effects.effects([], pairs=[(ok[1], ok[0], "search best vs baseline")]) if len(ok) == 2 and all(ok) else []
+    space_file = environment.from_repo(space.path)
     summary = {
-        "search": name, "space": shown(space.path), "objective": f"best validation accuracy, mean over {space.folds} fold(s)",
+        "search": name, "space": space_file, "objective": f"best validation accuracy, mean over {space.folds} fold(s)",
         "trials": {"complete": states.count(TrialState.COMPLETE), "pruned": states.count(TrialState.PRUNED),
                    "failed": states.count(TrialState.FAIL)},
         "search_seconds": sum(s["search_seconds"] for s in sessions), "sessions": sessions,
@@ -193,7 +188,7 @@ def write_report(found: optuna.Study, space: SearchSpace, name: str, folder: Pat
                  f"mean over {space.folds} grouped, stratified folds of the non-test images of each fold's best "
                  "validation accuracy")
     lines = [f"# Search `{name}`: {space.description}", "",
-             f"Space `{shown(space.path)}`; objective: {objective} (seed {space.config({}).get('seed', defaults()['seed'])}). "
+             f"Space `{space_file}`; objective: {objective} (seed {space.config({}).get('seed', defaults()['seed'])}). "
              "No search trial evaluated the test split.", "",
              f"- trials: {summary['trials']['complete']} ran all {space.epochs} epochs, "
              f"{summary['trials']['pruned']} were stopped early by ASHA, {summary['trials']['failed']} failed "

@@ -177,9 +177,7 @@ def source_tags(versions: dict) -> dict[str, str]:
 
     tags = resolve_tags()
     if sys.argv and sys.argv[0]:
-        entry = Path(sys.argv[0]).resolve()
-        tags[MLFLOW_SOURCE_NAME] = str(entry.relative_to(environment.REPO)) if entry.is_relative_to(environment.REPO) \
-            else str(entry)
+        tags[MLFLOW_SOURCE_NAME] = environment.from_repo(sys.argv[0])
     tags[MLFLOW_GIT_COMMIT] = versions["git_commit"]
     return tags
 

@@ -5,7 +5,7 @@ import optuna
 import pytest
 import ray
 
-from orestudy import search, search_report, search_space, search_study, study, tracking
+from orestudy import environment, search, search_report, search_space, search_study, study, tracking
 from orestudy.config import REPO_ROOT
 
 TINY_SPACE = """
@@ -26,6 +26,8 @@ def test_shipped_spaces_load(name):
     space = search_space.load_space(name)
     assert {"attention", "reduction", "freeze_epochs", "aug_strength", "lr", "dropout"} <= set(space.params)
     assert space.baseline_config()["attention"] == "se" and space.trials >= 30
+    # reports name a shipped space from the repository's root, the same on every machine
+    assert environment.from_repo(space.path) == f"search_spaces/{name}.yaml"
 
 
 @pytest.mark.parametrize("text, where", [
