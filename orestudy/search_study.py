@@ -10,7 +10,6 @@ report.md with its figures. In MLflow a search is one parent run with a child ru
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -113,9 +112,14 @@ class TPESearch(OptunaSearch):
 
 
 class SearchLog(tune.Callback):
-    """One line per trial as it ends, for people (and tests) following a long search."""
+    """One line per trial as it ends, for people (and tests) following a long search; then on_end()
+    (Tune calls it after the searcher has told Optuna the trial's state)."""
+
+    def __init__(self, on_end=lambda: None):
+        self.on_end = on_end
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.on_end()
         r = trial.last_result or {}
         if METRIC in r:
             print(f"[search] {study.run_name(trial)}: best val accuracy {r[METRIC]:.4f} (epoch {r['best_epoch']}) "
@@ -140,7 +144,7 @@ def concurrent_trials(resources: dict[str, float]) -> int:
 
 
 def run_trials(found: optuna.Study, storage, space: SearchSpace, settings: study.StudySettings,
-               base: dict, n: int, time_budget_s: float, sampler_seed: int) -> None:
+               base: dict, n: int, time_budget_s: float, sampler_seed: int, log: SearchLog) -> None:
     """n more trials through Ray Tune: TPE (seeded afresh per session, so a resumed search does not
     replay its random start) proposes, ASHA stops trials that trail at its rungs. With folds, a rung
     compares trials on the mean over their folds at the same epoch (the folds train in lockstep)."""
@@ -152,7 +156,7 @@ def run_trials(found: optuna.Study, storage, space: SearchSpace, settings: study
                          storage=storage, search=settings.name, epochs=space.epochs)
     # Search trials evaluate validation only: the test split stays unseen until the retraining.
     study.tuner(settings, {"config": {**base, "evaluate_test": False}}, f"session-{datetime.now():%Y%m%d-%H%M%S}",
-                settings.path, [SearchLog()], metric=METRIC, mode="max", search_alg=searcher, num_samples=n,
+                settings.path, [log], metric=METRIC, mode="max", search_alg=searcher, num_samples=n,
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=space.epochs, grace_period=space.grace_epochs,
                                         reduction_factor=space.reduction_factor, stop_last_trials=False),
                 max_concurrent_trials=concurrent_trials(study.trial_resources(settings)),
@@ -168,14 +172,23 @@ def search_session(found: optuna.Study, storage, space: SearchSpace, settings: s
     interrupted = requeue_interrupted(found)
     if interrupted:
         print(f"[search] re-running interrupted trials {interrupted}", flush=True)
-    target, done_before, started = options.trials or space.trials, len(finished(found)), time.time()
+    target, done_before, started = options.trials or space.trials, len(finished(found)), datetime.now(timezone.utc)
     if target <= done_before:
         return
     print(f"[search] {done_before} of {target} trials finished: running {target - done_before} more", flush=True)
-    run_trials(found, storage, space, settings, base, target - done_before, options.time_budget_s, options.sampler_seed)
-    found.set_user_attr("sessions", found.user_attrs.get("sessions", []) + [{
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "trials_finished": len(finished(found)) - done_before, "search_seconds": round(time.time() - started, 1)}])
+    log = SearchLog(lambda: note_session(found, started, done_before))
+    run_trials(found, storage, space, settings, base, target - done_before, options.time_budget_s,
+               options.sampler_seed, log)
+    note_session(found, started, done_before)
+
+
+def note_session(found: optuna.Study, started: datetime, done_before: int) -> None:
+    """This session's entry in the study (its wall time, the trials it finished), rewritten as each
+    trial ends: a session that is killed still counts its time up to its last finished trial."""
+    entry = {"started": started.isoformat(timespec="seconds"), "trials_finished": len(finished(found)) - done_before,
+             "search_seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1)}
+    earlier = [s for s in found.user_attrs.get("sessions", []) if s["started"] != entry["started"]]
+    found.set_user_attr("sessions", earlier + [entry])
 
 
 def retrain(settings: study.StudySettings, label: str, config: dict, seeds, earlier: list[study.Trial],

@@ -1,4 +1,6 @@
 import json
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -97,6 +99,9 @@ def test_tiny_search_resumes_and_retrains(image_folder, tmp_path, monkeypatch, r
     assert len(set(finished_params(found))) == 3
     retry = [t for t in found.trials if t.user_attrs.get("retry_of") == interrupted.number]
     assert len(retry) == 1 and retry[0].params == interrupted.params and retry[0].state in search_report.FINISHED
+    sessions = summary["sessions"]  # one entry a session, the time-limited one included
+    assert [s["trials_finished"] for s in sessions] == [1, 0, 2] and all(s["search_seconds"] > 0 for s in sessions)
+    assert summary["search_seconds"] == pytest.approx(sum(s["search_seconds"] for s in sessions))
 
     # Search trials are validated, never tested; only the retraining runs see the test split.
     for t in search_report.finished(found):
@@ -197,6 +202,22 @@ def test_trials_stopped_early_are_pruned_not_complete(tmp_path):
     assert (a.state, a.value, a.user_attrs["epochs_run"]) == (optuna.trial.TrialState.PRUNED, 0.8, 1)
     assert (b.state, b.value, b.user_attrs["epochs_run"]) == (optuna.trial.TrialState.COMPLETE, 0.7, 3)
     assert search_report.best_trial(optuna.load_study(study_name="s", storage=storage)).number == b.number
+
+
+def test_a_killed_session_keeps_the_time_of_the_trials_it_finished(tmp_path):
+    # Each trial's end rewrites the session's entry, so a search killed mid-trial (no end of session) is
+    # still counted in the report's wall time, up to its last finished trial.
+    found = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", direction="maximize")
+    started = datetime.now(timezone.utc) - timedelta(minutes=10)
+    log = search_study.SearchLog(lambda: search_study.note_session(found, started, 0))
+    ended = SimpleNamespace(last_result={}, config={"config": {"mlflow": False}})
+    for value in (0.5, 0.6):
+        found.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+        log.on_trial_complete(0, [], ended)
+    found.ask()  # the trial the kill interrupts
+    (session,) = found.user_attrs["sessions"]
+    assert session["trials_finished"] == 2 and session["search_seconds"] >= 600
+    assert session["started"] == started.isoformat(timespec="seconds")
 
 
 def test_stopped_trial_ends_its_mlflow_run(tmp_path, monkeypatch):
