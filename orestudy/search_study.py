@@ -112,10 +112,10 @@ class TPESearch(OptunaSearch):
 
 
 class SearchLog(tune.Callback):
-    """One line per trial as it ends, for people (and tests) following a long search; then on_end()
-    (Tune calls it after the searcher has told Optuna the trial's state)."""
+    """One line per trial as it ends (finished or failed), for people (and tests) following a long
+    search; then on_end() (Tune calls both after the searcher has told Optuna the trial's state)."""
 
-    def __init__(self, on_end=lambda: None):
+    def __init__(self, on_end):
         self.on_end = on_end
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -130,6 +130,7 @@ class SearchLog(tune.Callback):
                 tracking.end_stopped_runs(run.experiment, "run_dir", str((Path(run.output) / run.run_name()).resolve()))
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.on_end()
         print(f"[search] {study.run_name(trial)} failed after {trial.num_failures} attempts", flush=True)
 
 

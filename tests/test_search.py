@@ -214,6 +214,10 @@ def test_a_killed_session_keeps_the_time_of_the_trials_it_finished(tmp_path):
     for value in (0.5, 0.6):
         found.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
         log.on_trial_complete(0, [], ended)
+    (session,) = found.user_attrs["sessions"]
+    assert session["trials_finished"] == 2 and session["search_seconds"] >= 600
+    found.set_user_attr("sessions", [])  # a trial that fails ends too: its time is the session's
+    log.on_trial_error(0, [], SimpleNamespace(**vars(ended), num_failures=1))
     found.ask()  # the trial the kill interrupts
     (session,) = found.user_attrs["sessions"]
     assert session["trials_finished"] == 2 and session["search_seconds"] >= 600
