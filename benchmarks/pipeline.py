@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import transforms as T
 
-from orestudy import data, evaluation, models, training
+from orestudy import data, models
+from orestudy.run import evaluation, training
 from orestudy.config import TrainConfig, default_data_root
 from orestudy.device import set_threads
 
@@ -130,7 +131,7 @@ def main() -> None:
         with PeakRSS() as mem:
             results["naive"] = run_naive(config, args.target_accuracy)
         results["naive"]["peak_rss"] = mem.peak
-    data._BASE_CACHE.clear()
+    data.views._BASE_CACHE.clear()
     with PeakRSS() as mem:
         results["orestudy"] = run_orestudy(replace(config, name="orestudy"), args.target_accuracy)
     results["orestudy"]["peak_rss"] = mem.peak

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from orestudy import evaluation, models, prediction
+from orestudy import models
+from orestudy.run import evaluation, prediction
 from orestudy.config import default_data_root
 from orestudy.device import set_threads
 

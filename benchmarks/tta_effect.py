@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orestudy import device as devices, effects, evaluation, prediction, stats, training
-from orestudy.reports import markdown_table
+from orestudy import device as devices
+from orestudy.run import evaluation, prediction, training
+from orestudy.studies import effects, stats
+from orestudy.run.reports import markdown_table
 
 
 def scored(model, meta: dict, paths: list[str], labels: np.ndarray, flips: bool, device, dtype):

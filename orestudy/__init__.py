@@ -1,0 +1,65 @@
+"""orestudy: train and study image classifiers of ore-mineral photos.
+
+The Python API, lazy so that `import orestudy` loads no torch:
+
+    import orestudy
+    result = orestudy.train(orestudy.TrainConfig(epochs=2, freeze_epochs=2, mlflow=False))
+    model = orestudy.load_model(result["run_dir"])
+    for p in orestudy.predict(model, ["photo.jpg"]):
+        print(p.path, p.answer, p.top)
+
+The package's wings: commands/ (the `orestudy` command, argument parsing only), studies/ (Ray Tune
+studies, grids, searches and their statistics), analysis/ (EDA, label audit), run/ (one run and a
+trained model's uses), data/ (scanning, near-duplicates, splits, curation, views), and the base modules
+(config, device, environment, files, models, tracking).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import moved
+from .config import TrainConfig
+
+moved.install()
+
+__all__ = ["TrainConfig", "train", "load_model", "predict", "Model"]
+
+
+@dataclass
+class Model:
+    """A trained model ready to answer: the network, its checkpoint's metadata, and where it came from."""
+    network: object
+    meta: dict
+    source: str
+
+
+def train(config: TrainConfig | None = None, **fields) -> dict:
+    """Train one configuration (TrainConfig, or its fields as keywords) and test it once, as
+    `orestudy train` does: the result's run_dir holds the model."""
+    from dataclasses import replace
+
+    from .run.training import run_experiment
+
+    return run_experiment(replace(config, **fields) if config else TrainConfig(**fields))
+
+
+def load_model(source: str, device: str = "auto") -> Model:
+    """A run folder, a best.pt, an ensemble folder or an MLflow runs:/ / models:/ URI, ready to answer."""
+    from . import device as devices
+    from .run.prediction import load_model as load
+
+    network, meta = load(str(source), devices.pick_device(device))
+    return Model(network, meta, str(source))
+
+
+def predict(model: Model | str, photos: list[str], top_k: int = 3, tta: bool | None = None) -> list:
+    """One run.prediction.Prediction per photo (files or folders): its answer ("unknown" below the
+    model's guaranteed threshold), top classes and probabilities; in fp32, as every answering path."""
+    from .run import prediction
+
+    model = model if isinstance(model, Model) else load_model(model)
+    tta = bool(model.meta.get("best", {}).get("tta", False)) if tta is None else tta
+    device = next(model.network.parameters()).device
+    return list(prediction.predict(model.network, model.meta, prediction.list_images([str(p) for p in photos]),
+                                   prediction.unknown_threshold(model.meta, model.source), top_k, tta,
+                                   device=device))

@@ -1,6 +1,6 @@
 """`python -m orestudy COMMAND ...`: the same as the `orestudy` console script."""
 import sys
 
-from .cli import main
+from .commands.cli import main
 
 sys.exit(main())

@@ -216,7 +216,7 @@ def computation(config: dict) -> dict:
 
 
 def is_ensemble(config: dict) -> bool:
-    """An ensemble's record (ensemble.ensemble_trial) has for config its members' computations, the
+    """An ensemble's record (studies.study.ensemble_trial) has for config its members' computations, the
     seed they share and how their weights were chosen, instead of TrainConfig fields."""
     return "members" in config
 

@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from . import data
+from . import files
 from .config import ATTENTIONS, REPO_ROOT, TIMM_PREFIX
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -558,7 +558,7 @@ def for_inference(module: nn.Module, input_size: int, device: torch.device, dtyp
 def save_checkpoint(path: Path, model: OreClassifier, class_names: list[str], input_size: int,
                     mean: list[float], std: list[float], config: dict, best: dict) -> None:
     """Everything prediction needs, so it never falls back on the training code's defaults."""
-    with data.replaced(path) as tmp:
+    with files.replaced(path) as tmp:
         torch.save({
             "model": model.state_dict(), "backbone": model.spec.name, "input_size": input_size,
             "attention": config["attention"], "reduction": config["reduction"], "dropout": config["dropout"],

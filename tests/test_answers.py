@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import binom, binomtest
 
-from orestudy import answers, config, evaluation
+from orestudy import config
+from orestudy.run import evaluation
+from orestudy.commands import answers
 
 
 def calibrated_draw(rng, n: int, classes: int = 4):

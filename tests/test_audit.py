@@ -4,7 +4,9 @@ import json
 import pytest
 
 from conftest import COLOURS, make_image
-from orestudy import audit, data, training
+from orestudy import data
+from orestudy.commands import audit
+from orestudy.run import training
 from orestudy.config import TrainConfig
 
 PER_CLASS = 24

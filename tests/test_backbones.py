@@ -7,7 +7,7 @@ import torch
 
 from orestudy import models
 from orestudy.config import BACKBONES, TrainConfig
-from orestudy.training import run_experiment
+from orestudy.run.training import run_experiment
 
 FIXTURE = Path(__file__).parent / "fixtures" / "backbones_before_registry.json"
 TIMM_CNN, TIMM_VIT = "timm/mobilenetv3_small_050", "timm/vit_tiny_patch16_224"

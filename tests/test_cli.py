@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from orestudy import cli
+from orestudy.commands import cli
 
 HEAVY = ("torch", "ray", "mlflow", "optuna", "matplotlib", "sklearn", "pandas")
 COMMANDS = list(cli.COMMANDS)
@@ -82,7 +82,7 @@ def test_unknown_command_and_faces_called_directly(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["tran"])
     assert exited.value.code == 2 and "invalid choice: 'tran'" in capsys.readouterr().err
-    from orestudy import compare
+    from orestudy.commands import compare
 
     with pytest.raises(SystemExit):
         compare.main(["--help"])

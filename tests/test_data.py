@@ -146,7 +146,7 @@ def test_scan_cache_reuses_unchanged_files_only(image_folder, tmp_path, monkeypa
     first, _ = data.scan_folder(image_folder, cache_file=cache)
     decoded = []
     real = data.load_rgb
-    monkeypatch.setattr(data, "load_rgb", lambda p: decoded.append(p) or real(p))
+    monkeypatch.setattr(data.images, "load_rgb", lambda p: decoded.append(p) or real(p))
     changed = image_folder / "pyrite" / "pyrite_0.jpg"
     make_image((0, 0, 0), seed=7).save(changed, format="JPEG")
     second, _ = data.scan_folder(image_folder, cache_file=cache)

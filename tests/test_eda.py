@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orestudy import eda, exploration
+from orestudy.analysis import exploration
+from orestudy.commands import eda
 
 FIGURES = ("class_counts.png", "samples.png", "sizes.png", "rgb_histograms.png", "near_duplicates.png")
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from orestudy import compare, effects, stats, study
+from orestudy.commands import compare
+from orestudy.studies import effects, stats, study
 
 
 def record(seed: int, accuracy: float, attention: str = "none", per_image: bool = True, n: int = 1000) -> study.Trial:

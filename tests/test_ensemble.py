@@ -6,7 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from orestudy import ensemble, models, predict, prediction
+from orestudy import models
+from orestudy.commands import ensemble as ensemble_face, predict
+from orestudy.run import ensembling, prediction
+from orestudy.studies import study
 
 CLASSES = ["azurite", "malachite", "pyrite"]
 
@@ -44,7 +47,7 @@ def test_members_on_another_split_are_refused_by_name(tmp_path):
     b = fake_run(tmp_path / "b", {"val": 0.8, "test": 0.8}, seed=2)
     c = fake_run(tmp_path / "c", {"val": 0.8, "test": 0.8}, seed=3, split_seed=7)
     with pytest.raises(ValueError, match=r"not on the split of .*a: .*c \("):
-        ensemble.build_ensemble([a, b, c], tmp_path / "ens")
+        ensembling.build_ensemble([a, b, c], tmp_path / "ens")
     assert not (tmp_path / "ens").exists()
 
 
@@ -54,7 +57,7 @@ def test_weights_come_from_validation_alone(tmp_path):
     runs = [fake_run(tmp_path / "good", {"val": 0.95, "test": 0.5}, seed=1),
             fake_run(tmp_path / "fair", {"val": 0.7, "test": 0.9}, seed=2),
             fake_run(tmp_path / "poor", {"val": 0.4, "test": 0.9}, seed=3)]
-    clean = ensemble.build_ensemble(runs, tmp_path / "clean")
+    clean = ensembling.build_ensemble(runs, tmp_path / "clean")
     assert np.argmax(clean["weights"]) == 0 and sum(clean["weights"]) == pytest.approx(1)
     for run in runs:
         frame = pd.read_csv(run / "predictions.csv")
@@ -62,7 +65,7 @@ def test_weights_come_from_validation_alone(tmp_path):
         frame.loc[test, "label"] = np.random.default_rng(0).permutation(frame.loc[test, "label"].to_numpy())
         frame.loc[test, [f"p_{c}" for c in CLASSES]] = frame.loc[test, [f"p_{c}" for c in CLASSES]].to_numpy()[::-1]
         frame.to_csv(run / "predictions.csv", index=False)
-    poisoned = ensemble.build_ensemble(runs, tmp_path / "poisoned")
+    poisoned = ensembling.build_ensemble(runs, tmp_path / "poisoned")
     for key in ("weights", "val_accuracy", "unknown_threshold"):
         assert poisoned[key] == clean[key]
     assert poisoned["test_accuracy"] != clean["test_accuracy"]
@@ -82,7 +85,7 @@ def test_predict_takes_an_ensemble_folder(tmp_path, image_folder):
     runs = [fake_run(tmp_path / f"m{size}", {"val": 0.9, "test": 0.9}, seed=size, checkpoint=checkpoint(size))
             for size in (48, 64)]
     folder = tmp_path / "ens"
-    ensemble.build_ensemble(runs, folder)
+    ensembling.build_ensemble(runs, folder)
     spec = json.loads((folder / "ensemble.json").read_text())
     spec["weights"] = [0.25, 0.75]  # both members take part, whatever the fake validation chose
     (folder / "ensemble.json").write_text(json.dumps(spec))
@@ -108,7 +111,7 @@ def test_the_ensemble_is_an_mlflow_run_naming_its_members_runs(tmp_path, monkeyp
     client = mlflow.MlflowClient(tracking_uri=store)
     experiment = client.create_experiment("orestudy", artifact_location=(tmp_path / "artifacts").as_uri())
     member_run = client.create_run(experiment, tags={"run_dir": str(runs[0].resolve())})
-    spec = ensemble.main([*map(str, runs), "--output", str(tmp_path / "runs" / "ens"), "--runs", str(tmp_path / "runs")])
+    spec = ensemble_face.main([*map(str, runs), "--output", str(tmp_path / "runs" / "ens"), "--runs", str(tmp_path / "runs")])
     (logged,) = [r for r in client.search_runs([client.get_experiment_by_name("orestudy").experiment_id])
                  if r.info.run_name == "ensemble-ens"]
     assert logged.data.metrics["test_accuracy"] == spec["test_accuracy"]
@@ -121,7 +124,6 @@ def test_the_ensemble_is_an_mlflow_run_naming_its_members_runs(tmp_path, monkeyp
 
 def as_record(run, seed: int = 0, backbone: str = "mobilenet_v2"):
     """A run folder as a trial record keeps it: per-image [split, sha, label index, probabilities]."""
-    from orestudy import study
 
     frame = pd.read_csv(run / "predictions.csv")
     rows = [[r.split, r.sha256, CLASSES.index(r.label), [getattr(r, f"p_{c}") for c in CLASSES]]
@@ -133,12 +135,12 @@ def as_record(run, seed: int = 0, backbone: str = "mobilenet_v2"):
 def test_an_ensemble_of_records_is_the_ensemble_of_their_run_folders(tmp_path):
     """The study's ensemble rows (from records) and `orestudy ensemble` (from run folders) compute the
     same weights, threshold and test result; the record round-trips and keys apart from its members."""
-    from orestudy import effects, study
+    from orestudy.studies import effects
 
     runs = [fake_run(tmp_path / name, {"val": v, "test": t}, seed=i)
             for i, (name, v, t) in enumerate([("a", 0.9, 0.7), ("b", 0.75, 0.85), ("c", 0.6, 0.9)])]
-    folders = ensemble.build_ensemble(runs, tmp_path / "ens")
-    made = ensemble.ensemble_trial([as_record(r, backbone=b) for r, b in zip(runs, ("mobilenet_v1", "mobilenet_v2",
+    folders = ensembling.build_ensemble(runs, tmp_path / "ens")
+    made = study.ensemble_trial([as_record(r, backbone=b) for r, b in zip(runs, ("mobilenet_v1", "mobilenet_v2",
                                                                                     "efficientnet_lite0"))], "fake")
     assert made.metrics["weights"] == folders["weights"]
     assert made.metrics["accuracy"] == folders["test_accuracy"] and made.metrics["macro_f1"] == folders["test_macro_f1"]
@@ -152,6 +154,6 @@ def test_an_ensemble_of_records_is_the_ensemble_of_their_run_folders(tmp_path):
                                                   "(weights on validation)")
     other_split = as_record(fake_run(tmp_path / "d", {"val": 0.8, "test": 0.8}, seed=4, split_seed=7))
     with pytest.raises(ValueError, match="differ"):
-        ensemble.ensemble_trial([as_record(runs[0]), other_split], "fake")
+        study.ensemble_trial([as_record(runs[0]), other_split], "fake")
     with pytest.raises(ValueError, match="one data set and seed"):
-        ensemble.ensemble_trial([as_record(runs[0]), as_record(runs[1], seed=1)], "fake")
+        study.ensemble_trial([as_record(runs[0]), as_record(runs[1], seed=1)], "fake")

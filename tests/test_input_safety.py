@@ -13,10 +13,13 @@ import torch
 from PIL import Image
 
 from conftest import COLOURS, make_image, png_folder
-from orestudy import data, eda, predict, prediction, search, search_space, train, training
+from orestudy import data, files
+from orestudy.commands import eda, predict, search, train
+from orestudy.run import prediction, training
+from orestudy.studies import search_space
 from orestudy.config import TrainConfig
 from orestudy.data import ImageRecord
-from orestudy.features import FeatureCache
+from orestudy.run.features import FeatureCache
 
 # ---------------------------------------------------------------------------------------------------
 # Decoding
@@ -224,9 +227,9 @@ def test_manifest_round_trips_a_non_utf8_file_name(tmp_path):
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "value.json"
-    data.write_json_atomic(target, {"a": 1})
+    files.write_json_atomic(target, {"a": 1})
     with pytest.raises(TypeError):
-        data.write_json_atomic(target, {"a": object()})
+        files.write_json_atomic(target, {"a": object()})
     assert json.loads(target.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["value.json"]
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from orestudy import config, data, environment, prediction, training
+from orestudy import config, data, environment
+from orestudy.run import prediction, training
 from conftest import COLOURS, make_image, png_folder
 
 

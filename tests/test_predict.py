@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from orestudy import config, data, evaluation, features, models, predict, prediction, training
+from orestudy import config, data, models
+from orestudy.commands import predict
+from orestudy.run import evaluation, features, prediction, training
 from conftest import COLOURS, png_folder
 
 

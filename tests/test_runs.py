@@ -8,7 +8,9 @@ import sys
 import mlflow
 import pytest
 
-from orestudy import study, tracking, training
+from orestudy import tracking
+from orestudy.run import training
+from orestudy.studies import study
 from orestudy.config import REPO_ROOT, TrainConfig
 from test_training import tiny_config
 

@@ -7,7 +7,9 @@ import optuna
 import pytest
 import ray
 
-from orestudy import environment, search, search_report, search_space, search_study, study, tracking
+from orestudy import environment, tracking
+from orestudy.commands import search
+from orestudy.studies import search_report, search_space, search_study, study
 from orestudy.config import REPO_ROOT
 
 TINY_SPACE = """

@@ -15,7 +15,8 @@ import pytest
 import scipy.stats
 import yaml
 
-from orestudy import grid as grids, grid_report, replicate, stats, study
+from orestudy.commands import replicate
+from orestudy.studies import grid as grids, grid_report, stats, study
 from orestudy.config import REPO_ROOT
 
 # Three tiny cells: one trains, one needs ImageNet weights that are not here, one reads a folder that

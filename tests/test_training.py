@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from orestudy import models, tracking, training
+from orestudy import models, tracking
+from orestudy.run import training
 from orestudy.config import TrainConfig
-from orestudy.training import run_experiment
+from orestudy.run.training import run_experiment
 
 
 def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
@@ -175,7 +176,7 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(image_folder, tmp_path
     last = torch.load(interrupted_dir / "last.pt")
     assert last["epoch"] == 2 and all(torch.equal(last["model"][k], v) for k, v in state["model"].items())
     assert not (interrupted_dir / "metrics.json").exists()
-    from orestudy import train
+    from orestudy.commands import train
 
     resumed = train.main(["--resume", str(interrupted_dir)])
     for key in ("accuracy", "test_loss", "best_epoch", "best_val_accuracy", "confusion_matrix"):
@@ -201,7 +202,7 @@ def test_bf16_autocast_agrees_with_fp32():
 
 
 def test_bad_options_are_named(capsys):
-    from orestudy import train
+    from orestudy.commands import train
 
     with pytest.raises(SystemExit):
         train.main(["--regime", "fine_tune"])

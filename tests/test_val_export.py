@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from orestudy import config, data, export, models, prediction, training, val, validation
+from orestudy import config, data, models
+from orestudy.commands import export, val
+from orestudy.run import prediction, training, validation
 from conftest import png_folder
 
 

@@ -1,0 +1,57 @@
+"""Train one configuration and test it once.
+
+    python -m orestudy.train --backbone mobilenet_v2 --regime tl_da --attention se --freeze-epochs 10
+    python -m orestudy.train --resume runs/mobilenet_v2_tl_da_se8_f10_e20_s231   # after Ctrl-C or a crash
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import cli
+from ..config import STUDY, WHERE, TrainConfig
+
+RESUME_OPTIONS = ("threads", "device", "progress")  # how a resumed run runs may change, not what it computes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog=cli.prog("train"), description=__doc__,
+                                     formatter_class=cli.HelpFormatter)
+    cli.add_options(parser, TrainConfig, exclude=("parent_run", "evaluate_test"),
+                    group_titles={WHERE: "where the run lives and how it is watched", STUDY: "set by studies"})
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR after its last "
+                        "finished epoch (its last.pt), as its config.json says; only --threads, --device and "
+                        "--progress may be given beside it")
+    args = parser.parse_args(argv)
+    changed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
+    if args.resume and set(changed) - set(RESUME_OPTIONS):
+        parser.error(f"--resume takes the run's configuration from its config.json: drop "
+                     f"{', '.join('--' + k.replace('_', '-') for k in sorted(set(changed) - set(RESUME_OPTIONS)))}")
+    try:
+        config, state = cli.from_args(args, TrainConfig), None
+    except ValueError as err:
+        parser.error(str(err))
+    from .. import data  # torch loads only when a run starts
+    from ..run import reports, training
+
+    if args.resume:
+        try:
+            config, state = training.resumable(args.resume, **changed)
+        except (OSError, ValueError) as err:
+            parser.error(str(err))
+    try:
+        result = training.run_experiment(config, resume=state)
+    except training.RunFolderExists as err:
+        parser.error(str(err))
+    except data.DataError as err:  # the data set as it stands cannot be trained on: one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if "per_class" in result:  # a run that did not evaluate the test split has none
+        print(f"test split of {result['run_dir']}:\n{reports.per_class_table(result)}")
+    print(json.dumps({k: result[k] for k in ("accuracy", "macro_f1", "best_epoch", "best_val_accuracy",
+                                             "fold_best_val_accuracy", "wall_seconds", "run_dir") if k in result},
+                     indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Prediction: a trained model's answers for image files, streamed batch by batch, with the "unknown"
+answer and, on request, prediction sets (the library of `python -m orestudy.predict`)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .. import data, models
+from . import ensembling
+from .evaluation import NO_ANSWER, infer, prediction_sets
+
+UNKNOWN = "unknown"
+
+
+@dataclass
+class Prediction:
+    path: str
+    answer: str                     # a class name, "unknown" (not confident enough) or "" (unreadable)
+    confidence: float               # top-1 probability; nan when unreadable
+    top: list[tuple[str, float]]    # the top-k classes, most likely first
+    error: str = ""                 # why the file could not be read
+    set: list[str] = field(default_factory=list)  # the prediction set, with --coverage; most likely first
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model and its preprocessing
+
+class CheckpointError(ValueError):
+    """A file that is not a readable orestudy checkpoint."""
+
+
+def checkpoint_file(source: str) -> Path:
+    """best.pt of a run folder, a checkpoint file, or the best.pt artifact of an MLflow run / model."""
+    if source.startswith(("runs:/", "models:/")):
+        from .. import tracking  # only URIs need mlflow; it is slow to import
+
+        return tracking.download_checkpoint(source)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (give a run folder, a best.pt or an MLflow runs:/ URI)")
+    return path
+
+
+def load_model(source: str, device: torch.device = torch.device("cpu"),
+               dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
+    """(model ready for inference, checkpoint metadata): see models.for_inference. An ensemble's folder
+    (orestudy ensemble) gives its members' weighted mean."""
+    if ensembling.is_ensemble(source):
+        return ensembling.load_ensemble(source, device, dtype)
+    path = checkpoint_file(source)
+    try:
+        model, meta = models.load_checkpoint(path, device)
+    except Exception as err:  # unpickling, a missing key, a mismatched state dict: each means "not one of ours"
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a readable orestudy checkpoint ({type(err).__name__}: {reason})") from err
+    return models.for_inference(model, meta["input_size"], device, dtype), meta
+
+
+def unknown_threshold(meta: dict, source: str) -> float | None:
+    """The stored threshold, or None (with a warning) for a checkpoint written before thresholds were."""
+    threshold = meta["best"].get("unknown_threshold")
+    if threshold is None:
+        print(f"warning: {source} stores no 'unknown' threshold (it predates them), so every photo will be "
+              f"named as one of the {len(meta['class_names'])} classes, however unlike them it is. Retrain "
+              f"for a threshold chosen on validation.", file=sys.stderr)
+    return threshold
+
+
+def calibration_scores(meta: dict, source: str) -> np.ndarray:
+    """The stored conformal scores; a checkpoint written before prediction sets has none (ValueError)."""
+    scores = meta["best"].get("conformal_scores")
+    if scores is None:
+        raise ValueError(f"{source} stores no conformal calibration (it predates prediction sets), so it "
+                         f"cannot give --coverage sets; retrain it, or leave out --coverage")
+    return np.asarray(scores)
+
+
+def eval_input(path: str | Path, input_size: int) -> torch.Tensor:
+    """uint8 CHW: the validation view, without load_base's per-process cache, which would keep every
+    predicted image in memory."""
+    return data.eval_view(data.decode_base(path, input_size), input_size)
+
+
+def list_images(inputs: list[str]) -> list[str]:
+    """Files given, plus every (non-hidden) file under the folders given; names are not trusted, so
+    everything is tried as an image and what is not one is reported."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths += sorted(str(p) for p in Path(item).rglob("*")
+                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(item).parts))
+        else:
+            paths.append(item)  # a missing file is reported in its row, not here
+    return paths
+
+
+def decoded_batches(paths: list[str], batch_size: int, input_size: int, mean, std) -> Iterator:
+    """(normalised inputs of the readable files, (paths, errors)) per batch of paths: only one batch of
+    images is in memory at a time."""
+    for start in range(0, len(paths), batch_size):
+        chunk, images, errors = paths[start:start + batch_size], [], []
+        for path in chunk:
+            try:
+                images.append(eval_input(path, input_size))
+                errors.append("")
+            except Exception as err:  # PIL raises many types for bad files; each is reported, not fatal
+                errors.append(f"{type(err).__name__}: {err}")
+        inputs = torch.stack(images) if images else torch.empty(0, 3, input_size, input_size, dtype=torch.uint8)
+        yield data.normalize(inputs, mean, std), (chunk, errors)
+
+
+def prefetched(items: Iterator) -> Iterator:
+    """items, each made in a background thread while the caller works on the one before: PIL's decoding
+    and torch's resize release the GIL, so the next batch decodes while the model runs on this one."""
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(next, items, None)
+        while (item := future.result()) is not None:
+            future = pool.submit(next, items, None)
+            yield item
+
+
+def predict(model: torch.nn.Module, meta: dict, paths: list[str], threshold: float | None, top_k: int = 3,
+            tta: bool = False, batch_size: int = 32, device: torch.device = torch.device("cpu"),
+            dtype: torch.dtype | None = None, scores: np.ndarray | None = None,
+            coverage: float | None = None) -> Iterator[Prediction]:
+    """One Prediction per path, in order, streamed batch by batch; with conformal scores and a
+    coverage, each with its prediction set."""
+    names = meta["class_names"]
+    k = min(top_k, len(names))
+    forward = models.Flipped(model) if tta else model
+    batches = prefetched(decoded_batches(paths, batch_size, meta["input_size"], meta["mean"], meta["std"]))
+    for logits, (chunk, errors) in infer(forward, batches, device, dtype):
+        probs = logits.softmax(1).cpu().numpy()
+        sets = prediction_sets(probs, scores, coverage) if coverage else np.zeros_like(probs, dtype=bool)
+        rows = iter(zip(probs.tolist(), sets))
+        for path, error in zip(chunk, errors):
+            if error:
+                yield Prediction(path, "", float("nan"), [], error)
+                continue
+            p, in_set = next(rows)
+            ranked = sorted(zip(names, p, in_set), key=lambda item: -item[1])
+            top = [(name, q) for name, q, _ in ranked[:k]]
+            confident = threshold is None or top[0][1] >= threshold  # the threshold is the lowest accepted
+            yield Prediction(path, top[0][0] if confident else UNKNOWN, top[0][1], top,
+                             set=[name for name, _, member in ranked if member])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+
+def csv_row(pred: Prediction, k: int, sets: bool) -> list:
+    top = pred.top + [("", "")] * (k - len(pred.top))  # an unreadable file has no classes
+    return [pred.path, pred.answer, "" if pred.error else pred.confidence, *([" or ".join(pred.set)] if sets else []),
+            *[x for name, p in top for x in (name, p)], pred.error]
+
+
+def write_output(path: Path, preds: list[Prediction], k: int, header: dict, sets: bool = False) -> None:
+    """CSV (one row per file, top-k as columns) or JSON (with the model's details), by the suffix; sets:
+    with each photo's prediction set (a 'set' column of names joined by ' or ', a 'set' list in JSON)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        rows = [{"path": p.path, "answer": p.answer, "confidence": None if p.error else p.confidence,
+                 **({"set": p.set} if sets else {}),
+                 "top_k": [{"class": c, "probability": q} for c, q in p.top], "error": p.error} for p in preds]
+        path.write_text(json.dumps({**header, "predictions": rows}, indent=1))
+        return
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "answer", "confidence", *(["set"] if sets else []),
+                         *[f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "p")], "error"])
+        writer.writerows(csv_row(p, k, sets) for p in preds)
+
+
+def table_line(pred: Prediction, width: int) -> str:
+    name = pred.path if len(pred.path) <= width else "..." + pred.path[-(width - 3):]
+    if pred.error:
+        return f"{name:<{width}}  {'UNREADABLE':<14} {pred.error}"
+    line = f"{name:<{width}}  {pred.answer:<14} " + "  ".join(f"{c} {p:.3f}" for c, p in pred.top)
+    return line + (f"   set: {' or '.join(pred.set)}" if pred.set else "")
+
+
+def summary_line(preds: list[Prediction], threshold: float | None, coverage: float | None, seconds: float) -> str:
+    unreadable = sum(bool(p.error) for p in preds)
+    unknown = sum(p.answer == UNKNOWN for p in preds)
+    rule = ("no threshold stored" if threshold is None else "validation too small to promise the target error"
+            if threshold >= NO_ANSWER else f"top-1 probability < {threshold:.3f}")
+    if coverage:
+        sizes = [len(p.set) for p in preds if not p.error]
+        rule += f"; mean set size {np.mean(sizes) if sizes else 0:.2f} at coverage {coverage:g}"
+    return (f"{len(preds)} files: {len(preds) - unreadable - unknown} named, {unknown} unknown ({rule}), "
+            f"{unreadable} unreadable; {len(preds) / max(seconds, 1e-9):.1f} images/s")
+
+
+def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | None = None, coverage: float | None = None,
+                  batch_size: int = 32, output: Path | None = None, runs: str = "runs", device: str = "auto",
+                  precision: str = "auto", threads: int = 0) -> list[Prediction]:
+    """`orestudy predict`: the model at source on every image under inputs, as a table on the terminal
+    (and a CSV or JSON file at output), with a summary line. Raises FileNotFoundError, CheckpointError
+    or ValueError for a model it cannot use."""
+    from tqdm import tqdm
+
+    from .. import device as devices
+
+    if source.startswith(("runs:/", "models:/")):
+        from .. import tracking
+
+        tracking.use_store(runs)
+    devices.set_threads(threads)
+    torch_device = devices.pick_device(device)
+    dtype = devices.pick_precision(precision, torch_device)
+    model, meta = load_model(source, torch_device, dtype)
+    if tta is None:  # as the run was evaluated, and its threshold and sets calibrated
+        tta = bool(meta.get("best", {}).get("tta", False))
+    threshold = unknown_threshold(meta, source)
+    scores = calibration_scores(meta, source) if coverage else None
+    paths = list_images(inputs)
+    k = min(top_k, len(meta["class_names"]))
+    width = min(60, max([len(p) for p in paths] + [4]))
+    print(f"{'file':<{width}}  {'answer':<14} top {k} (probability)" + (f"   set ({coverage:g} coverage)" if coverage else ""))
+    started, preds = time.time(), []
+    stream = predict(model, meta, paths, threshold, k, tta, batch_size, torch_device, dtype, scores, coverage)
+    for pred in tqdm(stream, total=len(paths), unit="image", disable=not sys.stderr.isatty()):
+        tqdm.write(table_line(pred, width))  # keeps the table and the bar apart on a terminal
+        preds.append(pred)
+    if output is not None:
+        header = {"model": source, "classes": meta["class_names"], "input_size": meta["input_size"],
+                  "mean": meta["mean"], "std": meta["std"], "unknown_threshold": threshold,
+                  **{key: meta["best"].get(key) for key in ("unknown_target_error", "unknown_delta", "unknown_error_bound")},
+                  "coverage": coverage, "tta": tta}
+        write_output(output, preds, k, header, sets=coverage is not None)
+    print(summary_line(preds, threshold, coverage, time.time() - started) + (f" -> {output}" if output else ""),
+          file=sys.stderr)
+    return preds
+
