@@ -71,13 +71,34 @@ class TrainConfig:
     epochs: int = option(20, "training epochs; an epoch is one pass over the (5x augmented) training set")
     patience: int = option(0, "stop early once validation accuracy has not improved for N epochs; 0: never "
                               "(the paper trains every epoch)")
-    lr: float = option(1e-4, "Adam learning rate")
+    lr: float = option(1e-4, "learning rate (of the pretrained backbone; the new layers' is lr x head_lr_mult), "
+                             "in (0, 1]")
+    optimizer: str = option("adam", "timm's optimizer: adam (the paper's), adamw (decoupled weight decay), sgd "
+                                    "(momentum 0.9, Nesterov)", choices=("adam", "adamw", "sgd"))
+    weight_decay: float = option(0.0, "weight decay, in [0, 1); never on biases and normalization weights")
+    lr_schedule: str = option("constant", "constant (the paper's) or cosine decay over all epochs (timm's "
+                                          "CosineLRScheduler, stepped per epoch)", choices=("constant", "cosine"))
+    warmup_epochs: int = option(0, "the learning rate rises linearly from lr/100 over the first N epochs, "
+                                   "then follows lr_schedule; in [0, epochs)")
+    head_lr_mult: float = option(1.0, "the new layers' (attention block and head) learning rate is lr x this, "
+                                      "in (0, 1000]: the pretrained backbone moves slower than what starts random")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy targets, in [0, 0.5)")
+    mixup: float = option(0.0, "mixup alpha (timm's Mixup): each batch is blended with its reverse at a Beta("
+                               "alpha, alpha) ratio, at the trainable part's input (images, or the frozen "
+                               "part's cached outputs while it is frozen); 0: off")
+    cutmix: float = option(0.0, "cutmix alpha (timm's Mixup; a batch gets mixup or cutmix at even odds when both "
+                                "are on): a box of the reversed batch is pasted in; spatial inputs only (a "
+                                "pooled cached batch takes mixup); 0: off")
+    ema_decay: float = option(0.0, "exponential moving average of the weights (timm's ModelEmaV3), updated every "
+                                   "step: what validation selects and the checkpoint keeps; 0: off, else in "
+                                   "[0.5, 1)")
     batch_size: int = option(32, "training and evaluation batch size")
     dropout: float = option(0.5, "dropout before the last linear layer, in [0, 1)")
     aug_strength: float = option(0.0, "online augmentation on top, in [0, 1] (crops, flips, right-angle "
                                       "rotations, brightness/contrast/saturation; never hue); 0: off")
     aug_bank: int = option(4, "online draws kept per view while (part of) the backbone is frozen")
-    freeze_depth: int = option(0, "leading backbone modules frozen for the whole run (partial fine-tuning)")
+    freeze_depth: int = option(0, "leading backbone modules frozen for the whole run (partial fine-tuning); "
+                                  "negative: all but the last -N (the same top whatever the backbone's length)")
     cache_features: bool = option(True, "reuse a frozen backbone's outputs instead of recomputing them")
     seed: int = option(231, "split seed and training seed")
     split_method: str = option("hash", "hash: each photo's split follows from its content and the seed, so "
@@ -130,13 +151,18 @@ class TrainConfig:
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"unknown {f.name} {getattr(self, f.name)!r}; expected one of {sorted(choices)}")
-        if self.epochs < 1 or self.freeze_epochs < 0 or self.freeze_depth < 0 or self.batch_size < 1 or self.reduction < 1 \
-                or self.patience < 0:
-            raise ValueError("epochs and batch_size must be >= 1, freeze_epochs, freeze_depth and patience >= 0, "
-                             "reduction >= 1")
+        if self.epochs < 1 or self.freeze_epochs < 0 or self.batch_size < 1 or self.reduction < 1 or self.patience < 0:
+            raise ValueError("epochs and batch_size must be >= 1, freeze_epochs and patience >= 0, reduction >= 1")
         for name, ok, want in (
                 ("aug_strength", 0.0 <= self.aug_strength <= 1.0, "in [0, 1]"),
-                ("lr", 0.0 < self.lr < float("inf"), "a positive number"),
+                ("lr", 0.0 < self.lr <= 1.0, "a positive number, at most 1 (larger ones only diverge)"),
+                ("weight_decay", 0.0 <= self.weight_decay < 1.0, "in [0, 1)"),
+                ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "in [0, epochs)"),
+                ("head_lr_mult", 0.0 < self.head_lr_mult <= 1000.0, "in (0, 1000]"),
+                ("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
+                ("mixup", 0.0 <= self.mixup <= 10.0, "in [0, 10]"),
+                ("cutmix", 0.0 <= self.cutmix <= 10.0, "in [0, 10]"),
+                ("ema_decay", self.ema_decay == 0.0 or 0.5 <= self.ema_decay < 1.0, "0 (off) or in [0.5, 1)"),
                 ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
                 ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),  # numpy's and scikit-learn's seed range
                 ("image_size", self.image_size == 0 or self.image_size >= 32, "0 (the backbone's own) or >= 32"),
@@ -195,6 +221,25 @@ class TrainConfig:
             raise ValueError(f"{where}{err}") from None
 
 
+def read_recipe(path: str | Path) -> dict:
+    """A recipe file: YAML of TrainConfig fields (experiments/recipes/*.yaml), each checked as from_dict
+    checks it; a study-set field is refused, as the command line refuses it."""
+    import yaml  # light, but only a recipe needs it
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read the recipe ({type(err).__name__}: {err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of TrainConfig fields, not {type(values).__name__}")
+    studies_set = sorted(set(values) & set(fields_with_role(STUDY)))
+    if studies_set:
+        raise ValueError(f"{path}: {', '.join(studies_set)} are set by studies, not by a recipe")
+    TrainConfig.from_dict(values, source=str(path))  # every key known, every value typed and in range
+    return values
+
+
 def defaults() -> dict:
     return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(TrainConfig)}
 
@@ -203,6 +248,18 @@ def complete(saved: dict) -> dict:
     """A saved config (a trial record's, a run's config.json) with every field: a field added since it
     was saved takes the value that computed it then (SAVED_BEFORE), else its default."""
     return {**defaults(), **SAVED_BEFORE, **saved}
+
+
+# The recipe fields (optimizer ... ema_decay) came after every committed study: a record leaves them out
+# at their defaults, so an old record and a new one of the same computation are the same bytes.
+OMITTED_AT_DEFAULT = ("optimizer", "weight_decay", "lr_schedule", "warmup_epochs", "head_lr_mult",
+                      "label_smoothing", "mixup", "cutmix", "ema_decay")
+
+
+def compact(config: dict) -> dict:
+    """config less the OMITTED_AT_DEFAULT fields at their defaults (complete() restores them)."""
+    values = defaults()
+    return {k: v for k, v in config.items() if not (k in OMITTED_AT_DEFAULT and v == values[k])}
 
 
 def fields_with_role(*roles: str) -> tuple[str, ...]:

@@ -132,11 +132,17 @@ class Interrupted(Exception):
     pass
 
 
-def test_a_resumed_run_continues_exactly_where_it_stopped(image_folder, tmp_path):
+EVERY_KNOB = dict(optimizer="adamw", weight_decay=0.05, lr_schedule="cosine", warmup_epochs=1, head_lr_mult=10.0,
+                  label_smoothing=0.1, mixup=0.4, cutmix=1.0, ema_decay=0.9)
+
+
+@pytest.mark.parametrize("knobs", [{}, EVERY_KNOB], ids=["paper", "every_knob"])
+def test_a_resumed_run_continues_exactly_where_it_stopped(image_folder, tmp_path, knobs):
     """The state reported after an epoch continues the run as if it had never stopped: the same later
-    epochs (online augmentation's random draws included), the same best checkpoint and test result."""
+    epochs (online augmentation's random draws included; with every recipe knob on, the schedule, the
+    weights' average and mixup's draws too), the same best checkpoint and test result."""
     config = tiny_config(image_folder, tmp_path, epochs=4, freeze_epochs=1, regime="scratch", attention="se",
-                         aug_strength=0.5)
+                         aug_strength=0.5, **knobs)
 
     def run(stop_after: int = 0, resume: dict | None = None) -> tuple[list[dict], dict | None, dict]:
         rows, saved = [], {}

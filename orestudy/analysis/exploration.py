@@ -1,5 +1,5 @@
 """Exploratory data analysis of an ore image folder (the paper's section III, Fig. 1-4): the library of
-`python -m orestudy.eda`.
+`orestudy eda`.
 
 run_eda writes to the output folder: class_counts.png (images per class, imbalance ratio), samples.png
 (four random photos per class), sizes.png (width vs height by class, file formats and modes),

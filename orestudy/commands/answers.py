@@ -1,6 +1,6 @@
 """How far the answers of trained runs can be trusted, from their trial records alone.
 
-    python -m orestudy.answers docs/results/mobilenet_seeds/trials.jsonl --output runs/answers
+    orestudy answers docs/results/mobilenet_seeds/trials.jsonl --output runs/answers
 
 For every record that keeps per-image softmax (validation and test), this calibrates on its validation
 split as training does (the guaranteed "unknown" threshold, the conformal scores) and checks on its

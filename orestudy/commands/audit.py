@@ -1,8 +1,8 @@
 """Label audit: which photos' labels the other photos contradict (confident learning, cleanlab).
 
-    python -m orestudy.audit --data ../shared/data/minerals --output runs/audit
-    python -m orestudy.audit --curation experiments/curation_minerals.csv   # audit the curated data
-    python -m orestudy.audit --model runs/<run>                             # a trained run's backbone
+    orestudy audit --data ../shared/data/minerals --output runs/audit
+    orestudy audit --curation experiments/curation_minerals.csv   # audit the curated data
+    orestudy audit --model runs/<run>                             # a trained run's backbone
 
 Out-of-fold probabilities for every image (a logistic regression on frozen, flip-averaged ImageNet
 features, K folds grouped by near-duplicates), then cleanlab's find_label_issues. Writes

@@ -1,8 +1,8 @@
 """The effects table of any trial records: every two configurations that differ in one factor, paired by seed.
 
-    python -m orestudy.compare docs/results/*/trials.jsonl --output docs/results/mobilenet_effects
-    python -m orestudy.compare runs/a/report/trials.jsonl runs/b/report/trials.jsonl --backbones mobilenet_v2
-    python -m orestudy.compare runs/k1/trials.jsonl runs/k3/trials.jsonl --contrast runs/k1/best.jsonl runs/k3/best.jsonl
+    orestudy compare docs/results/*/trials.jsonl --output docs/results/mobilenet_effects
+    orestudy compare runs/a/report/trials.jsonl runs/b/report/trials.jsonl --backbones mobilenet_v2
+    orestudy compare runs/k1/trials.jsonl runs/k3/trials.jsonl --contrast runs/k1/best.jsonl runs/k3/best.jsonl
 
 Writes effects.md, effects.csv and effects.png (paired differences per seed, one row per contrast) and
 prints the table. A configuration found in several files counts once (the record that keeps per-image

@@ -1,6 +1,6 @@
 """Exploratory data analysis of an ore image folder (the paper's section III, Fig. 1-4).
 
-    python -m orestudy.eda --data ../shared/data/minerals --output runs/eda
+    orestudy eda --data ../shared/data/minerals --output runs/eda
 
 Writes to the output folder, and logs as one MLflow run (experiment "orestudy-eda"):
 class_counts.png (images per class, imbalance ratio), samples.png (four random photos per class),

@@ -1,6 +1,6 @@
 """Ensembles of trained runs: the weighted mean of their softmax probabilities.
 
-    python -m orestudy.ensemble runs/A runs/B runs/C --output runs/ensemble_ABC
+    orestudy ensemble runs/A runs/B runs/C --output runs/ensemble_ABC
 
 The members must share one split (the same data and split seed); they are refused otherwise. Their
 weights are chosen on the validation split alone, by greedy forward selection with replacement

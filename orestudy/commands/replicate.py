@@ -1,12 +1,12 @@
 """The paper's experimental grid as one Ray Tune study, and its tables beside the published numbers.
 
-    python -m orestudy.replicate                                  # Tables III and IV, paper settings, seed 231
-    python -m orestudy.replicate --seeds 231,1,2,3,4 --backbones mobilenet_v2,mobilenet_v1
-    python -m orestudy.replicate --only table4 --epochs 2         # a quick look on a budget, not a replication
-    python -m orestudy.replicate ... --resume                     # the same command again continues it
-    python -m orestudy.replicate ... --report-only                # the tables of a study as it stands
-    python -m orestudy.replicate ... --reuse earlier/trials.jsonl # runs only what earlier studies did not
-    python -m orestudy.replicate --address auto ...               # on a running Ray cluster
+    orestudy replicate                                  # Tables III and IV, paper settings, seed 231
+    orestudy replicate --seeds 231,1,2,3,4 --backbones mobilenet_v2,mobilenet_v1
+    orestudy replicate --only table4 --epochs 2         # a quick look on a budget, not a replication
+    orestudy replicate ... --resume                     # the same command again continues it
+    orestudy replicate ... --report-only                # the tables of a study as it stands
+    orestudy replicate ... --reuse earlier/trials.jsonl # runs only what earlier studies did not
+    orestudy replicate --address auto ...               # on a running Ray cluster
 
 The grid is experiments/paper_grid.yaml, the published numbers experiments/published_results.yaml.
 Tables (Markdown and CSV), the effects table, figures and the trials' portable records (trials.jsonl)

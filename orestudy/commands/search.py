@@ -3,11 +3,11 @@ ones early), both on validation accuracy alone (one split, or the mean over --fo
 non-test images); then the best configuration is retrained over several seeds and tested once per
 seed, beside the space's baseline (the paper's recipe) on the same seeds, and compared with it, paired.
 
-    python -m orestudy.search se_ablation_cpu --trials 30 --time-budget 6h
-    python -m orestudy.search se_ablation_cpu --folds 3 --name se_ablation_cpu_k3   # a 3-fold objective
-    python -m orestudy.search se_ablation_cpu --resume                 # continue an interrupted search
-    python -m orestudy.search se_ablation_cpu --resume --trials 40     # or extend a finished one
-    python -m orestudy.search se_ablation_cpu --reuse runs/other/trials.jsonl   # retrain only what no record holds
+    orestudy search se_ablation_cpu --trials 30 --time-budget 6h
+    orestudy search se_ablation_cpu --folds 3 --name se_ablation_cpu_k3   # a 3-fold objective
+    orestudy search se_ablation_cpu --resume                 # continue an interrupted search
+    orestudy search se_ablation_cpu --resume --trials 40     # or extend a finished one
+    orestudy search se_ablation_cpu --reuse runs/other/trials.jsonl   # retrain only what no record holds
 
 A search space is a YAML file in search_spaces/ (or any path): see orestudy/search_space.py.
 Everything goes to <output>/<name>/ (orestudy/search_study.py says what is there).

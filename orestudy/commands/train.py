@@ -1,7 +1,8 @@
 """Train one configuration and test it once.
 
-    python -m orestudy.train --backbone mobilenet_v2 --regime tl_da --attention se --freeze-epochs 10
-    python -m orestudy.train --resume runs/mobilenet_v2_tl_da_se8_f10_e20_s231   # after Ctrl-C or a crash
+    orestudy train --backbone mobilenet_v2 --regime tl_da --attention se --freeze-epochs 10
+    orestudy train --resume runs/mobilenet_v2_tl_da_se8_f10_e20_s231   # after Ctrl-C or a crash
+    orestudy train --config experiments/recipes/paper.yaml --seed 1   # a recipe file, one option changed
 """
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ import argparse
 import json
 
 from . import cli
-from ..config import STUDY, WHERE, TrainConfig
+from ..config import STUDY, WHERE, TrainConfig, read_recipe
 
 RESUME_OPTIONS = ("threads", "device", "progress")  # how a resumed run runs may change, not what it computes
+
+
+def pre_parser() -> argparse.ArgumentParser:
+    """--config alone, read before the options so that they override the file."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -19,11 +27,21 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=cli.HelpFormatter)
     cli.add_options(parser, TrainConfig, exclude=("parent_run", "evaluate_test"),
                     group_titles={WHERE: "where the run lives and how it is watched", STUDY: "set by studies"})
+    parser.add_argument("--config", metavar="RECIPE_YAML", help="a recipe: YAML of the options above by their "
+                        "field names (experiments/recipes/paper.yaml); options given here override it")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR after its last "
                         "finished epoch (its last.pt), as its config.json says; only --threads, --device and "
                         "--progress may be given beside it")
+    recipe, _ = pre_parser().parse_known_args(argv)
+    if recipe.config:
+        try:
+            parser.set_defaults(**read_recipe(recipe.config))  # the file's values, under the command line's
+        except ValueError as err:
+            parser.error(str(err))
     args = parser.parse_args(argv)
-    changed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
+    changed = {k: v for k, v in vars(args).items() if k not in ("resume", "config") and v != parser.get_default(k)}
+    if args.resume and args.config:
+        parser.error("--resume takes the run's configuration from its config.json: drop --config")
     if args.resume and set(changed) - set(RESUME_OPTIONS):
         parser.error(f"--resume takes the run's configuration from its config.json: drop "
                      f"{', '.join('--' + k.replace('_', '-') for k in sorted(set(changed) - set(RESUME_OPTIONS)))}")

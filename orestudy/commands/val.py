@@ -1,7 +1,7 @@
 """Evaluate a trained model on any folder of class sub-folders, the way a run tests its own split.
 
-    python -m orestudy.val --model runs/<run name> --data photos/
-    python -m orestudy.val --model runs:/<mlflow run id> --data photos/ --output runs/val/photos --no-mlflow
+    orestudy val --model runs/<run name> --data photos/
+    orestudy val --model runs:/<mlflow run id> --data photos/ --output runs/val/photos --no-mlflow
 
 Class sub-folders are matched to the model's classes by name: a class the model does not know is an
 error, a model class the folder lacks is reported with support 0. Unreadable files are listed and left

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import data, files, models
+from .. import files, models
 from ..data import ImageRecord, make_view, normalize
 from ..device import autocast, to_device
 from .evaluation import batches

@@ -1,5 +1,5 @@
 """Prediction: a trained model's answers for image files, streamed batch by batch, with the "unknown"
-answer and, on request, prediction sets (the library of `python -m orestudy.predict`)."""
+answer and, on request, prediction sets (the library of `orestudy predict`)."""
 from __future__ import annotations
 
 import csv

@@ -5,7 +5,7 @@
     result = finish(run, progress)   # "unknown" threshold on validation, the test split once, reports
 
 `run_experiment(config, report, resume)` is those three steps, and the trainable every study calls:
-Ray Tune trials, Optuna searches and `python -m orestudy.train` all go through it. While (part of) the
+Ray Tune trials, Optuna searches and `orestudy train` all go through it. While (part of) the
 backbone is frozen, its outputs come from the feature cache (features.FrozenRoute) and only the rest
 trains. After every epoch the training state is saved as last.pt in the run folder and given to
 `report`; `run_experiment(config, resume=state)` (or `resumable(run_dir)`'s, from last.pt) continues
@@ -33,25 +33,31 @@ from .. import data, device as devices, environment, files, models
 from . import features
 from ..config import TrainConfig, complete
 from .evaluation import Evaluation, calibration, classification_metrics, evaluate, mixture, per_image, test_metrics
+from .recipe import Recipe, make_ema, make_optimizer, make_recipe, make_scheduler, weights_of
 
 AUX_WEIGHT = 0.4  # Inception v3's auxiliary loss weight (Szegedy et al. 2016)
 
 
-def loss_of(output, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy (plus Inception's weighted auxiliary loss when present) and the main logits."""
+def loss_of(output, target: torch.Tensor, criterion=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss (plus Inception's weighted auxiliary loss when present) and the main logits."""
     if isinstance(output, tuple):
         logits, aux = output
-        return F.cross_entropy(logits, target) + AUX_WEIGHT * F.cross_entropy(aux, target), logits
-    return F.cross_entropy(output, target), output
+        return criterion(logits, target) + AUX_WEIGHT * criterion(aux, target), logits
+    return criterion(output, target), output
 
 
 def train_one_epoch(forward: Callable, optimizer, loader, device, dtype, total: int, desc: str,
-                    progress: bool) -> tuple[float, float]:
+                    progress: bool, recipe: Recipe | None = None, after_step: Callable | None = None
+                    ) -> tuple[float, float]:
+    """One pass over loader. recipe: its loss and batch mixing (default: plain cross-entropy);
+    after_step: called after every optimizer step (the weights' moving average)."""
     loss_sum, correct, seen = 0.0, 0, 0
-    for inputs, target in tqdm(loader, total=total, desc=desc, leave=False, disable=not progress):
+    bar = tqdm(loader, total=total, desc=desc, leave=False, disable=not progress)
+    for inputs, target in bar:
         inputs, target = devices.to_device(inputs, device), target.to(device)
+        mixed, soft = recipe.mix(inputs, target) if recipe else (inputs, target)
         with devices.autocast(device, dtype):
-            loss, logits = loss_of(forward(inputs), target)
+            loss, logits = loss_of(forward(mixed), soft, recipe.criterion if recipe else F.cross_entropy)
         value = loss.item()
         if not math.isfinite(value):  # NaN weights would still "test" at some accuracy: stop here instead
             raise FloatingPointError(f"training loss is {value} in {desc}: the run stops (a learning rate too "
@@ -59,9 +65,12 @@ def train_one_epoch(forward: Callable, optimizer, loader, device, dtype, total: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         loss_sum += value * len(target)
-        correct += (logits.argmax(1) == target).sum().item()
+        correct += (logits.argmax(1) == target).sum().item()  # of the (first) label: a mixed batch scores lower
         seen += len(target)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
     return loss_sum / seen, correct / seen
 
 
@@ -116,6 +125,9 @@ class Run:
     std: list[float]
     model: models.OreClassifier
     optimizer: torch.optim.Optimizer
+    scheduler: object | None      # timm's, or None for a constant rate
+    recipe: Recipe
+    ema: object | None            # timm's ModelEmaV3 of the model, or None
     generator: torch.Generator
     route: features.FrozenRoute
     online: Callable | None       # the online augmentation policy, or None
@@ -127,7 +139,13 @@ class Run:
 
     def depth(self, epoch: int) -> int:
         """How much of the backbone is frozen in this epoch: all of it for the first freeze_epochs."""
-        return self.model.depth if epoch <= self.config.freeze_epochs else self.config.freeze_depth
+        if epoch <= self.config.freeze_epochs:
+            return self.model.depth
+        return self.config.freeze_depth if self.config.freeze_depth >= 0 else self.model.depth + self.config.freeze_depth
+
+    def judged(self):
+        """The model holding the weights validation judges and checkpoints keep (recipe.weights_of)."""
+        return weights_of(self.model, self.ema)
 
     def log(self, text: str) -> None:
         print(f"[{self.config.run_name()}] {text}", file=sys.stderr, flush=True)
@@ -183,7 +201,9 @@ def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
     model = models.create_model(config.backbone, len(prep.class_names), config.weights, config.attention,
                                 config.reduction, config.dropout).to(device)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
+    if not -model.depth < config.freeze_depth <= model.depth:
+        raise ValueError(f"freeze_depth {config.freeze_depth}: {config.backbone} has {model.depth} modules to freeze")
+    optimizer = make_optimizer(model, config, device)
     s = config.aug_strength
 
     def images(samples, augment=None):
@@ -197,6 +217,7 @@ def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
                                  config.cache_features, progress)
     views = data.PAPER_VIEWS if config.static_da else ("identity",)
     return Run(config, run_dir, device, dtype, threads, prep, size, mean, std, model, optimizer,
+               make_scheduler(optimizer, config), make_recipe(config, len(prep.class_names)), make_ema(model, config),
                torch.Generator().manual_seed(config.seed), route,
                data.online_augment(s, size) if s > 0 else None,
                [(r, v) for r in prep.records["train"] for v in views],
@@ -223,13 +244,29 @@ def training_state(run: Run, progress: Progress) -> dict:
     to come are the unbroken run's. Valid during the report call only (it holds the live weights)."""
     state = {"run_name": run.config.run_name(), "run_dir": str(run.run_dir), "epoch": progress.epoch,
              "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "generator": run.generator.get_state(),
+             "generator": run.generator.get_state(), "numpy_rng": numpy_rng_state(),
              "torch_rng": torch.get_rng_state(), "history": progress.history, "best": progress.best,
              "best_state": progress.best_state, "elapsed": progress.elapsed + time.time() - run.started,
              "mlflow_run": progress.mlflow_run}
     if run.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(run.device)
+    if run.scheduler is not None:
+        state["scheduler"] = run.scheduler.state_dict()
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
     return state
+
+
+def numpy_rng_state() -> dict:
+    """numpy's global random state (timm's mixup draws from it) in types torch.load(weights_only=True) reads."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position, "has_gauss": has_gauss,
+            "gauss": gauss}
+
+
+def set_numpy_rng_state(saved: dict) -> None:
+    np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["position"],
+                         saved["has_gauss"], saved["gauss"]))
 
 
 def restore(run: Run, state: dict) -> Progress:
@@ -238,6 +275,12 @@ def restore(run: Run, state: dict) -> Progress:
     run.optimizer.load_state_dict(state["optimizer"])
     run.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    if "numpy_rng" in state:  # states saved before it was kept drew nothing from it
+        set_numpy_rng_state(state["numpy_rng"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
     if run.device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], run.device)
     run.log(f"resuming after epoch {state['epoch']}/{run.config.epochs}")
@@ -248,6 +291,8 @@ def restore(run: Run, state: dict) -> Progress:
 def fit_epoch(run: Run, epoch: int) -> dict:
     """One epoch: train with the part of the backbone this epoch freezes, then validate."""
     t0, config, depth = time.time(), run.config, run.depth(epoch)
+    if run.scheduler is not None:
+        run.scheduler.step(epoch - 1)
     run.model.freeze(depth)
     run.model.train()
     run.route.keep_only(depth)
@@ -255,10 +300,12 @@ def fit_epoch(run: Run, epoch: int) -> dict:
                                               run.generator, run.online, config.aug_bank)
     train_loss, train_acc = train_one_epoch(forward, run.optimizer, loader, run.device, run.dtype,
                                             -(-len(run.train_samples) // config.batch_size),
-                                            f"epoch {epoch}/{config.epochs}", run.progress)
+                                            f"epoch {epoch}/{config.epochs}", run.progress, run.recipe,
+                                            (lambda: run.ema.update(run.model)) if run.ema is not None else None)
     run.model.eval()
-    val = evaluate(*run.route.eval_batches(depth, run.val_samples, run.prep.labels["val"], config.batch_size),
-                   run.device, run.dtype)
+    with run.judged():
+        val = evaluate(*run.route.eval_batches(depth, run.val_samples, run.prep.labels["val"], config.batch_size),
+                       run.device, run.dtype)
     return {"epoch": epoch, "frozen": int(epoch <= config.freeze_epochs), "train_loss": train_loss,
             "train_accuracy": train_acc, "val_loss": val.loss, "val_accuracy": val.accuracy,
             "epoch_seconds": time.time() - t0}
@@ -285,8 +332,9 @@ def fit_step(run: Run, progress: Progress, tracker, epoch: int) -> dict:
     improved = row["val_accuracy"] > progress.best["val_accuracy"]
     if improved:
         progress.best = {"epoch": epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
-        progress.best_state = copy.deepcopy(run.model.state_dict())
-        save_best(run, progress.best)
+        with run.judged():
+            progress.best_state = copy.deepcopy(run.model.state_dict())
+            save_best(run, progress.best)
     run.log(f"epoch {epoch}/{run.config.epochs} {'frozen' if row['frozen'] else 'full  '} "
             f"train loss {row['train_loss']:.3f} acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.3f} "
             f"acc {row['val_accuracy']:.3f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s)")

@@ -4,7 +4,7 @@
     rows = effects(records, pairs=[(a, b)]) # named contrasts, e.g. a search's best against its baseline
 
 One row per contrast B - A over the seeds both ran (stats.paired_effect), Holm-adjusted across the
-table, with a verdict. The replicate and search reports and `python -m orestudy.compare` all use it.
+table, with a verdict. The replicate and search reports and `orestudy compare` all use it.
 """
 from __future__ import annotations
 

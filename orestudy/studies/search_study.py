@@ -215,7 +215,7 @@ def retrain(settings: study.StudySettings, label: str, config: dict, seeds, earl
 def retrain_picks(found: optuna.Study, space: SearchSpace, settings: study.StudySettings, options: SearchSettings,
                   runtime: dict) -> dict[str, list[study.Trial]]:
     """The best configuration (and the baseline) retrained per seed; their portable records are kept
-    in the search's trials.jsonl (and each in best.jsonl, baseline.jsonl), so `python -m orestudy.compare`
+    in the search's trials.jsonl (and each in best.jsonl, baseline.jsonl), so `orestudy compare`
     can pair them with any other study's, e.g. two searches' picks (--contrast A/best.jsonl B/best.jsonl)."""
     best, retrained = best_trial(found), {}
     if best is None or not options.seeds:

@@ -2,7 +2,7 @@
 
 `run_study(param_space, settings)` runs `train_trial` for every configuration Tune draws from
 param_space["config"] (a dict of TrainConfig fields, or Tune search spaces over them: a grid for
-`python -m orestudy.replicate`, a sampler for a search). Each trial is `training.run_experiment`,
+`orestudy replicate`, a sampler for a search). Each trial is `training.run_experiment`,
 reporting every epoch to Tune with its training state as the checkpoint an interrupted trial continues
 from, and logged to MLflow as a child of the study's run. `outcomes(results)` says how every trial ended: "ok", "skipped: ..." or "failed: ...".
 
@@ -24,7 +24,7 @@ import torch
 from ray import tune
 
 from .. import data, models, tracking
-from ..config import StudySettings, TrainConfig, complete, computation, is_ensemble
+from ..config import StudySettings, TrainConfig, compact, complete, computation, is_ensemble
 from ..run import ensembling
 from ..run.training import run_experiment
 
@@ -216,7 +216,7 @@ class Trial:
 
     def record(self, dataset: str) -> dict:
         """A trial that ran (config not None) on the data set named dataset, as plain JSON."""
-        return {"dataset": dataset, "config": computation(self.config), "status": self.status,
+        return {"dataset": dataset, "config": computation(compact(self.config)), "status": self.status,
                 "metrics": {k: self.metrics[k] for k in RECORD_METRICS if k in self.metrics},
                 "history": [{k: row[k] for k in HISTORY_COLUMNS if k in row} for row in self.history]}
 
