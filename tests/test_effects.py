@@ -4,6 +4,7 @@ import pytest
 import scipy.stats
 
 from orestudy.commands import compare
+from orestudy.config import REPO_ROOT as REPO
 from orestudy.studies import effects, stats, study
 
 
@@ -54,7 +55,8 @@ def test_a_curated_run_pairs_with_its_published_data_partner_on_the_published_te
 
 def test_no_effect_gives_no_verdict_of_difference():
     (row,) = effects.effects(planted(0.0))
-    assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == "no difference shown"
+    # the jitter (0.5 points) is far inside ±1.5: no difference, and the equivalence test decides that
+    assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == "equivalent within ±1.5"
 
 
 def test_paired_interval_and_p_match_scipy_on_a_hand_case():
@@ -114,3 +116,38 @@ def test_holm_and_seeds_needed():
     n = stats.seeds_needed(d)
     t = scipy.stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)
     assert t <= stats.TARGET_HALF_WIDTH < scipy.stats.t.ppf(0.975, n - 2) * d.std(ddof=1) / np.sqrt(n - 1)
+
+
+def test_equivalence_is_two_one_sided_t_tests_and_decides_a_fourth_verdict():
+    """TOST at ±m: the larger one-sided p, by hand from Student's t; a tight zero effect is 'equivalent',
+    a wide one decides nothing, a large one is still 'better'."""
+    import scipy.stats
+
+    d = np.array([0.004, -0.003, 0.001, -0.002, 0.0, 0.003, -0.001, 0.002, -0.004, 0.001])
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    by_hand = max(scipy.stats.t.sf((d.mean() + 0.015) / se, len(d) - 1), scipy.stats.t.cdf((d.mean() - 0.015) / se, len(d) - 1))
+    assert stats.tost_p(d, 0.015) == pytest.approx(by_hand, rel=1e-9)
+
+    def decided(differences):
+        a = {s: 0.9 for s in range(len(differences))}
+        effect = stats.paired_effect(stats.Paired(a, {s: 0.9 + x for s, x in enumerate(differences)}, {}, {}, {}, {}))
+        return stats.verdict(effect, stats.holm([effect["p_t"]])[0], p_tost_adjusted=effect["p_tost"])
+    assert decided(d) == "equivalent within ±1.5"
+    assert decided(np.array([0.05, -0.04, 0.03, -0.05, 0.02])) == "no difference shown"
+    assert decided(np.array([0.05, 0.04, 0.06, 0.05, 0.045])) == "better"
+
+
+def test_the_se_block_on_a_frozen_mobilenet_v2_is_decided_equivalent_among_the_se_contrasts():
+    """The paper's SE claim as its own family (the attention contrasts of the committed MobileNet records):
+    −0.0 points over 10 seeds is decided equivalent within ±1.5; in the whole 22-contrast table Holm's
+    adjustment leaves it undecided."""
+    records = study.unique_records(study.read_records(*(
+        REPO / "docs" / "results" / name / "trials.jsonl"
+        for name in ("paper_grid_mobilenet_v2", "paper_grid_mobilenet_v1_frozen", "mobilenet_seeds"))))
+
+    def se_frozen(rows):
+        (row,) = [r for r in rows if (r["a"], r["b"]) == ("mobilenet_v2 tl_da, frozen", "mobilenet_v2 tl_da +SE r8, frozen")]
+        return row
+    row = se_frozen(effects.effects(records, factors=["attention"]))
+    assert row["n"] == 10 and row["verdict"] == "equivalent within ±1.5" and row["p_tost_holm"] < 0.05
+    assert se_frozen(effects.effects(records))["verdict"] == "no difference shown"

@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="keep only the contrasts of these factors, e.g. attention,curation (default: all)")
     p.add_argument("--contrast", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="also B - A for two trials.jsonl files of one configuration each (repeatable)")
+    p.add_argument("--margin", type=float, default=1.5, help="equivalence margin in accuracy points: a contrast "
+                   "whose difference two one-sided tests place within ±margin is 'equivalent within ±margin'")
     args = p.parse_args(argv)
+    if not 0 < args.margin < 100:
+        p.error(f"--margin must be in (0, 100) points, got {args.margin}")
     if not args.records and not args.contrast:
         p.error("give trials.jsonl files, --contrast A B, or both")
     from ..studies import effects, study
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(str(err))
     rows = effects.effects(study.unique_records(
         [r for r in records if not args.backbones or r.config.get("backbone") in args.backbones]), named=named,
-        factors=args.factors or None)
+        factors=args.factors or None, margin=args.margin / 100)
     files = effects.write(args.output, rows)
     print(effects.markdown(rows) + "\n\n" + "\n".join(f"wrote {path}" for path in files))
     return rows

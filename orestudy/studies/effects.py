@@ -113,11 +113,11 @@ def rank(factor: str, value):
 
 def effects(records: list, pairs: list[tuple[list, list, str]] | None = None,
             alpha: float = 0.05, named: list[tuple[list, list, str]] = (),
-            factors: list[str] | None = None) -> list[dict]:
+            factors: list[str] | None = None, margin: float = stats.EQUIVALENCE_MARGIN) -> list[dict]:
     """The effects table: the one-factor contrasts among records (or the given (A trials, B trials,
-    name) pairs), then the named ones, each B - A with stats.paired_effect, its paired-t p
-    Holm-adjusted across the whole table, and a verdict. factors: only the contrasts of these factors
-    (the table, and the family Holm adjusts over)."""
+    name) pairs), then the named ones, each B - A with stats.paired_effect, its paired-t p and its
+    equivalence p at ±margin each Holm-adjusted across the whole table, and a verdict. factors: only the
+    contrasts of these factors (the table, and the family Holm adjusts over)."""
     if pairs is None:
         cells = group(records)
         pairs = [(cells[a], cells[b], f) for a, b, f in one_factor_pairs(cells)] + curation_pairs(cells)
@@ -128,15 +128,15 @@ def effects(records: list, pairs: list[tuple[list, list, str]] | None = None,
     for a_trials, b_trials, factor in pairs:
         a, b = per_seed(a_trials), per_seed(b_trials)
         effect = stats.paired_effect(stats.Paired(a["accuracy"], b["accuracy"], a["macro_f1"], b["macro_f1"],
-                                                  a["images"], b["images"]))
+                                                  a["images"], b["images"]), margin=margin)
         if effect["n"] == 0:
             continue
         rows.append({"factor": factor, "a": trial_label(a_trials[0]), "b": trial_label(b_trials[0]),
                      "a_mean": float(np.mean([a["accuracy"][s] for s in effect["seeds"]])),
                      "b_mean": float(np.mean([b["accuracy"][s] for s in effect["seeds"]])), **effect})
-    for row, p in zip(rows, stats.holm([r["p_t"] for r in rows])):
-        row["p_holm"] = p
-        row["verdict"] = stats.verdict(row, p, alpha)
+    for row, p, p_tost in zip(rows, stats.holm([r["p_t"] for r in rows]), stats.holm([r["p_tost"] for r in rows])):
+        row["p_holm"], row["p_tost_holm"] = p, p_tost
+        row["verdict"] = stats.verdict(row, p, alpha, p_tost)
     return rows
 
 
@@ -157,7 +157,8 @@ def table(rows: list[dict]) -> pd.DataFrame:
         "p (t)": p_text(r["p_t"]), "p (sign-flip)": p_text(r["p_sign_flip"]),
         "McNemar p (A-only/B-only, seeds)": (f"{p_text(r['p_mcnemar'])} ({r['a_only']}/{r['b_only']}, {r['mcnemar_seeds']})"
                                              if r["mcnemar_seeds"] else "no per-image records"),
-        "p (Holm)": p_text(r["p_holm"]), "verdict": r["verdict"],
+        "p (Holm)": p_text(r["p_holm"]), f"p equivalent ±{100 * r['margin']:g} (Holm)": p_text(r["p_tost_holm"]),
+        "verdict": r["verdict"],
         "macro-F1 B − A": points(r["macro_f1_mean"]),
         "seeds for ±1.5": "–" if r["seeds_for_1_5_points"] is None else str(r["seeds_for_1_5_points"]),
     } for r in rows])
@@ -165,8 +166,10 @@ def table(rows: list[dict]) -> pd.DataFrame:
 
 NOTES = ("B − A: mean paired difference in test accuracy over the seeds both configurations ran (one split "
          "and one training seed per seed), in points; 95 % CI: paired t. p (t): paired t-test, Holm-adjusted "
-         "across the table in p (Holm), which decides the verdict ('better' / 'worse' for B; else 'no "
-         "difference shown'). p (sign-flip): exact paired permutation test over the seeds (with n seeds it "
+         "across the table in p (Holm), which decides 'better' / 'worse' for B. p equivalent: two one-sided "
+         "paired t-tests that |B − A| is below the margin (TOST), Holm-adjusted across the table, which decides "
+         "'equivalent within ±m' where no difference is decided; else 'no difference shown', which decides "
+         "nothing. p (sign-flip): exact paired permutation test over the seeds (with n seeds it "
          "cannot go below 2/2^n). McNemar: exact test on the per-image discordant pairs pooled over the seeds "
          "whose records keep per-image outcomes (older records do not: then only per-seed accuracies compare). "
          "Seeds for ±1.5: how many seeds a 95 % interval of ±1.5 points needs at the observed paired spread.")
@@ -190,14 +193,15 @@ def figure(path: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.9 + 0.42 * len(rows)))
     for i, r in enumerate(rows):
         y = len(rows) - 1 - i
-        colour = {"better": "tab:green", "worse": "tab:red"}.get(r["verdict"], "black")
+        colour = {"better": "tab:green", "worse": "tab:red"}.get(r["verdict"],
+                                                                "tab:blue" if r["verdict"].startswith("equivalent") else "black")
         ax.scatter(100 * np.array(r["differences"]), [y] * r["n"], s=14, color="grey", alpha=0.7, zorder=2)
         if r["n"] >= 2:
             ax.plot([100 * r["ci_low"], 100 * r["ci_high"]], [y, y], color=colour, lw=2, zorder=1)
         ax.plot(100 * r["mean"], y, "|", color=colour, ms=14, mew=2, zorder=3)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [f"{r['b']}  vs  {r['a']}  (n={r['n']})" for r in reversed(rows)], fontsize=7)
-    ax.set_xlabel("B − A, test accuracy points\n(dots: seeds; bar: mean and 95 % paired t interval; green/red: a verdict)")
+    ax.set_xlabel("B − A, test accuracy points\n(dots: seeds; bar: mean and 95 % paired t interval; green / red: better / worse; blue: equivalent)")
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -95,10 +95,25 @@ def seeds_needed(differences: np.ndarray, half_width: float = TARGET_HALF_WIDTH,
     return n
 
 
-def paired_effect(pair: Paired, confidence: float = 0.95) -> dict:
+EQUIVALENCE_MARGIN = 0.015  # ±1.5 accuracy points: what a 171-photo test split resolves at about 10 seeds
+
+
+def tost_p(differences: np.ndarray, margin: float) -> float:
+    """Two one-sided paired t-tests (Schuirmann 1987): the larger of the p-values against "B - A <= -margin"
+    and against "B - A >= +margin"; below alpha, B - A lies within ±margin (the 1 - 2 alpha interval is
+    inside it). nan without a spread to test."""
+    if len(differences) < 2 or np.std(differences) == 0:
+        return float("nan")
+    above = scipy.stats.ttest_1samp(differences, -margin, alternative="greater").pvalue
+    below = scipy.stats.ttest_1samp(differences, margin, alternative="less").pvalue
+    return float(max(above, below))
+
+
+def paired_effect(pair: Paired, confidence: float = 0.95, margin: float = EQUIVALENCE_MARGIN) -> dict:
     """B - A over the seeds both ran, in accuracy points: mean difference with its paired t interval,
     the exact sign-flip p, McNemar's exact p on the pooled per-image discordant pairs (seeds where both
-    kept per-image outcomes), the macro-F1 difference, and the seeds a ±1.5-point interval would need."""
+    kept per-image outcomes), the macro-F1 difference, the equivalence test's p at ±margin, and the
+    seeds a ±1.5-point interval would need."""
     seeds = sorted(set(pair.a) & set(pair.b))
     d = np.array([pair.b[s] - pair.a[s] for s in seeds], dtype=float)
     low, high = t_interval(d, confidence)
@@ -114,6 +129,7 @@ def paired_effect(pair: Paired, confidence: float = 0.95) -> dict:
     return {
         "n": len(seeds), "seeds": seeds, "differences": d.tolist(),
         "mean": float(d.mean()) if len(d) else float("nan"), "ci_low": low, "ci_high": high, "p_t": p_t,
+        "margin": margin, "p_tost": tost_p(d, margin),
         "p_sign_flip": sign_flip_p(d) if len(d) else float("nan"),
         "macro_f1_mean": float(f1.mean()) if len(f1) else float("nan"),
         "macro_f1_ci": t_interval(f1, confidence),
@@ -133,14 +149,17 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def verdict(effect: dict, p_adjusted: float, alpha: float = 0.05) -> str:
+def verdict(effect: dict, p_adjusted: float, alpha: float = 0.05, p_tost_adjusted: float = float("nan")) -> str:
     """'better' / 'worse' (B against A) only where the Holm-adjusted paired-t p (the test behind the
-    interval) is below alpha; otherwise 'no difference shown'. The exact sign-flip p is reported beside
-    it but does not decide: with n seeds it cannot go below 2 / 2^n (0.0625 at five)."""
-    if effect["n"] < 2 or math.isnan(p_adjusted) or p_adjusted >= alpha:
-        return "no difference shown"
-    if effect["ci_low"] > 0:
-        return "better"
-    if effect["ci_high"] < 0:
-        return "worse"
+    interval) is below alpha; else 'equivalent within ±m' where the Holm-adjusted equivalence test's p is
+    (the difference is decided to be smaller than the margin); otherwise 'no difference shown', which
+    decides nothing. The exact sign-flip p is reported beside it but does not decide: with n seeds it
+    cannot go below 2 / 2^n (0.0625 at five)."""
+    if effect["n"] >= 2 and not math.isnan(p_adjusted) and p_adjusted < alpha:
+        if effect["ci_low"] > 0:
+            return "better"
+        if effect["ci_high"] < 0:
+            return "worse"
+    if effect["n"] >= 2 and not math.isnan(p_tost_adjusted) and p_tost_adjusted < alpha:
+        return f"equivalent within ±{100 * effect['margin']:g}"
     return "no difference shown"
