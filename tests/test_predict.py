@@ -243,3 +243,13 @@ def test_auto_tta_is_chosen_on_validation_alone():
                                                                            "val_accuracy_flips": 0.85})
     assert training.with_tta("auto", plain, lambda: tied)[1]["tta"] is False  # a tie stays plain
     assert training.with_tta("off", plain, lambda: 1 / 0) == (plain, {"tta": False})  # nothing flipped is scored
+
+
+def test_predict_answers_in_fp32_by_default_as_the_mlflow_model_and_onnx_file_do(trained):
+    """On a CPU with native bf16, auto would autocast; the default answers agree with fp32 exactly."""
+    folder, run_dir = trained
+    photos = [str(p) for p in sorted(folder.rglob("*.png"))[:6]]
+    default = prediction.predict_files(str(run_dir), photos, threads=1)
+    fp32 = prediction.predict_files(str(run_dir), photos, threads=1, precision="fp32")
+    assert [p.top for p in default] == [p.top for p in fp32]
+    assert predict.argument_parser().get_default("precision") == "fp32"

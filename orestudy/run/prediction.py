@@ -205,7 +205,7 @@ def summary_line(preds: list[Prediction], threshold: float | None, coverage: flo
 
 def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | None = None, coverage: float | None = None,
                   batch_size: int = 32, output: Path | None = None, runs: str = "runs", device: str = "auto",
-                  precision: str = "auto", threads: int = 0) -> list[Prediction]:
+                  precision: str = "fp32", threads: int = 0) -> list[Prediction]:
     """`orestudy predict`: the model at source on every image under inputs, as a table on the terminal
     (and a CSV or JSON file at output), with a summary line. Raises FileNotFoundError, CheckpointError
     or ValueError for a model it cannot use."""
