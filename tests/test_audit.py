@@ -26,6 +26,7 @@ def noisy_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_audit_finds_flipped_labels(noisy_folder, tmp_path):
     out = tmp_path / "audit"
     stats = audit.main(["--data", str(noisy_folder), "--output", str(out), "--cache", "", "--no-mlflow",

@@ -9,6 +9,8 @@ from orestudy import models
 from orestudy.config import BACKBONES, TrainConfig
 from orestudy.run.training import run_experiment
 
+from conftest import tiny_config
+
 FIXTURE = Path(__file__).parent / "fixtures" / "backbones_before_registry.json"
 TIMM_CNN, TIMM_VIT = "timm/mobilenetv3_small_050", "timm/vit_tiny_patch16_224"
 
@@ -62,12 +64,7 @@ def test_timm_depth_units_compute_forward_features(name):
     assert torch.equal(got, expected)
 
 
-def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
-    values = dict(data=str(folder), output=str(tmp_path / "runs"), cache=str(tmp_path / "cache"), regime="scratch",
-                  epochs=2, freeze_epochs=2, image_size=64, batch_size=8, threads=1, progress=False, mlflow=False)
-    return TrainConfig(**{**values, **overrides})
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone, attention, freeze_depth", [(TIMM_CNN, "se", 2), (TIMM_VIT, "cbam", 3)])
 def test_timm_cached_features_match_the_uncached_path(image_folder, tmp_path, backbone, attention, freeze_depth):
     """A timm CNN and a ViT with attention, frozen whole and then below freeze_depth: training on cached

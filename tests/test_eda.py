@@ -63,6 +63,7 @@ def test_histograms_are_per_image_distributions(eda_folder):
     assert blue > green  # azurite was generated blue
 
 
+@pytest.mark.slow
 def test_eda_is_logged_to_mlflow(eda_folder, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out, runs = tmp_path / "eda", tmp_path / "runs"

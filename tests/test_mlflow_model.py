@@ -91,6 +91,7 @@ def test_pyfunc_answers_as_predict_does(logged, tmp_path):
     assert version.run_id == run.info.run_id
 
 
+@pytest.mark.slow
 def test_pyfunc_loads_without_orestudy(logged, tmp_path):
     _, _, run = logged
     target = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path))

@@ -15,16 +15,9 @@ from conftest import COLOURS, png_folder
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny model trained on the generated colour classes (ImageNet MobileNetV2 frozen, so only the
-    head trains, in about a second): (image folder, run folder)."""
-    root = tmp_path_factory.mktemp("predict")
-    folder = png_folder(root / "minerals")
-    run_config = config.TrainConfig(data=str(folder), output=str(root / "runs"), cache="", regime="tl",
-                                    epochs=2, freeze_epochs=2, lr=1e-2, image_size=64, batch_size=8, threads=1,
-                                    progress=False, mlflow=False)
-    training.run_experiment(run_config)
-    return folder, root / "runs" / run_config.run_name()
+def trained(tiny_run):
+    """The session's tiny model (conftest.tiny_run): (image folder, run folder)."""
+    return tiny_run
 
 
 @pytest.fixture
@@ -46,6 +39,7 @@ def with_threshold(run_dir, tmp_path, threshold):
     return path
 
 
+@pytest.mark.slow
 def test_rows_for_every_file_in_the_table_csv_and_json(trained, tmp_path, capsys):
     folder, run_dir = trained
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -97,6 +91,7 @@ def test_probabilities_are_those_of_validation(trained):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_noise_is_unknown_when_the_stored_threshold_says_so(trained, noise, tmp_path):
     folder, run_dir = trained
     _, meta = models.load_checkpoint(run_dir / "best.pt")
@@ -138,6 +133,7 @@ def test_tta_averages_the_image_and_its_flips(trained, tmp_path):
     assert preds[3].error
 
 
+@pytest.mark.slow
 def test_mlflow_run_uri_is_the_same_model(trained, tmp_path, monkeypatch):
     folder, run_dir = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -12,7 +12,7 @@ from orestudy import tracking
 from orestudy.run import training
 from orestudy.studies import study
 from orestudy.config import REPO_ROOT, TrainConfig
-from test_training import tiny_config
+from conftest import tiny_config
 
 
 def store(output):

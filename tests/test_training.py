@@ -11,13 +11,7 @@ from orestudy.run import training
 from orestudy.config import TrainConfig
 from orestudy.run.training import run_experiment
 
-
-def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
-    values = dict(data=str(folder), output=str(tmp_path / "runs"), cache=str(tmp_path / "cache"),
-                  regime="scratch", epochs=2, freeze_epochs=1, image_size=64, batch_size=8, threads=1,
-                  progress=False, mlflow=False)
-    values.update(overrides)
-    return TrainConfig(**values)
+from conftest import tiny_config
 
 
 def backbone_state(model):
@@ -77,6 +71,7 @@ def test_cached_features_match_the_uncached_path(image_folder, tmp_path, attenti
         assert res_c["test_loss"] == pytest.approx(res_u["test_loss"], abs=tolerance)
 
 
+@pytest.mark.slow
 def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = tiny_config(image_folder, tmp_path, mlflow=True, experiment="tiny", regime="scratch",
@@ -136,6 +131,7 @@ EVERY_KNOB = dict(optimizer="adamw", weight_decay=0.05, lr_schedule="cosine", wa
                   label_smoothing=0.1, mixup=0.4, cutmix=1.0, ema_decay=0.9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("knobs", [{}, EVERY_KNOB], ids=["paper", "every_knob"])
 def test_a_resumed_run_continues_exactly_where_it_stopped(image_folder, tmp_path, knobs):
     """The state reported after an epoch continues the run as if it had never stopped: the same later
@@ -219,6 +215,7 @@ def test_bad_options_are_named(capsys):
         TrainConfig.from_dict({"lrate": 0.1})
 
 
+@pytest.mark.slow
 def test_cross_validation_trains_every_fold_in_lockstep_and_never_tests(image_folder, tmp_path):
     """folds=2: one model per fold, reported per epoch as the mean over folds; the test split is never
     evaluated, and the folds' validation images are the non-test images, each evaluated once a fold."""

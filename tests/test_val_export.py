@@ -12,23 +12,16 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from orestudy import config, data, models
+from orestudy import data, models
 from orestudy.commands import export, val
-from orestudy.run import prediction, training, validation
-from conftest import png_folder
+from orestudy.run import prediction, validation
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny fp32 run on the generated colour classes (ImageNet MobileNetV2 frozen, so only SE and the
+def trained(tiny_run):
+    """The session's tiny fp32 model (conftest.tiny_run; ImageNet MobileNetV2 frozen, so only SE and the
     head train, tested from cached features as every run's frozen part is): (image folder, run folder)."""
-    root = tmp_path_factory.mktemp("val")
-    folder = png_folder(root / "minerals")
-    run_config = config.TrainConfig(data=str(folder), output=str(root / "runs"), cache="", regime="tl",
-                                    attention="se", epochs=2, freeze_epochs=2, lr=1e-2, image_size=64,
-                                    batch_size=8, threads=1, precision="fp32", progress=False, mlflow=False)
-    training.run_experiment(run_config)
-    return folder, root / "runs" / run_config.run_name()
+    return tiny_run
 
 
 def split_folder(run_dir, data_root, split, dest):
@@ -69,6 +62,7 @@ def test_val_on_the_runs_test_split_gives_the_runs_test_numbers(trained, tmp_pat
     assert f"{own['macro_f1']:.4f}" in printed
 
 
+@pytest.mark.slow
 def test_val_classes_matched_by_name_and_logged_to_mlflow(trained, tmp_path):
     folder, run_dir = trained
     two = tmp_path / "two"
@@ -105,6 +99,7 @@ def inputs_as_described(described: dict, paths) -> np.ndarray:
     return torch.stack(images).numpy()
 
 
+@pytest.mark.slow
 def test_onnx_and_torchscript_files_compute_what_the_checkpoint_does(trained, tmp_path):
     folder, run_dir = trained
     model, meta = models.load_checkpoint(run_dir / "best.pt")
