@@ -7,6 +7,7 @@ name. It imports nothing heavy, so `--help` answers at once.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -17,8 +18,34 @@ DEFAULT_CACHE = Path(os.environ.get("ORESTUDY_CACHE", Path.home() / ".cache" / "
 TIMM_PREFIX = "timm/"
 
 
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What models.py builds a registered backbone from: its builder (a models.py function) with leading
+    arguments, and what its ImageNet weights were trained on."""
+    builder: str
+    args: tuple = ()
+    input_size: int = 224
+    normalization: str = "imagenet"  # imagenet: torchvision's mean/std; tf: Google's TensorFlow x / 127.5 - 1
+    interpolation: str = "bilinear"
+
+
+# The registered backbones, the one list of their names: models.REGISTRY is made from it (torch-free
+# here, so that --help and config checks need no torch). Sizes and interpolation of the Lite models:
+# timm's pretrained configs of tf_efficientnet_lite{0,1,2}.
+BACKBONE_TABLE = {
+    "alexnet": BackboneInfo("fc_head_backbone", ("alexnet", 256, 6)),
+    "vgg16": BackboneInfo("fc_head_backbone", ("vgg16", 512, 7)),
+    "resnet50": BackboneInfo("resnet50"),
+    "inception_v3": BackboneInfo("inception_v3", input_size=299, normalization="tf"),
+    "mobilenet_v2": BackboneInfo("mobilenet_v2"),
+    "mobilenet_v1": BackboneInfo("mobilenet_v1", normalization="tf"),
+    **{f"efficientnet_lite{k}": BackboneInfo("efficientnet_lite", (k,), size, "tf", "bicubic")
+       for k, size in ((0, 224), (1, 240), (2, 260))},
+}
+
+
 class Backbones(tuple):
-    """The registered backbones (models.REGISTRY), and any timm/<model name>: timm's name is checked
+    """The registered backbones (BACKBONE_TABLE), and any timm/<model name>: timm's name is checked
     when the model is made, so this module stays free of torch and timm."""
 
     def __contains__(self, name) -> bool:
@@ -27,8 +54,26 @@ class Backbones(tuple):
 
 
 # The last entry stands for any timm model, so that --help and error messages show it.
-BACKBONES = Backbones(("alexnet", "vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet_v1",
-                       "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", f"{TIMM_PREFIX}<name>"))
+BACKBONES = Backbones((*BACKBONE_TABLE, f"{TIMM_PREFIX}<name>"))
+
+
+class Devices(tuple):
+    """cpu, cuda, cuda:N (any GPU index) and auto (CUDA when present)."""
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+
+
+DEVICES = Devices(("auto", "cpu", "cuda", "cuda:N"))
+
+
+def device_name(text: str) -> str:
+    """text, if it names a device (DEVICES); else a ValueError that says what would."""
+    if text not in DEVICES:
+        raise ValueError(f"unknown device {text!r}; expected cpu, cuda, cuda:N or auto")
+    return text
+
+
 ATTENTIONS = ("none", "se", "cbam", "eca")
 REGIMES = {  # the paper's three regimes: ImageNet weights or not, static 5x augmentation or not
     "scratch": {"weights": "none", "static_da": False},
@@ -50,12 +95,54 @@ def default_data_root() -> Path:
     return Path(os.environ.get("ORESTUDY_DATA", DEFAULT_DATA))
 
 
-def option(default, help: str, *, choices=None, role: str = COMPUTES, factory=None):
-    """A config field with its help text, choices and role as metadata."""
-    meta = {"help": help, "choices": choices, "role": role}
+def option(default, help: str, *, choices=None, role: str = COMPUTES, factory=None, parse=None, metavar=None,
+           nargs=None, repeat=False):
+    """A config field with its help text, choices and role as metadata; the rest shapes its command-line
+    option (commands.cli.add_options): parse, a function from the option's text to the value (raising
+    ValueError with a message); metavar; nargs ("+" or "*") of a list field (a tuple or list default),
+    whose option takes `1,2,3` or `1 2 3`; repeat: a list field's option is given once per value."""
+    meta = {"help": help, "choices": choices, "role": role, "parse": parse, "metavar": metavar,
+            "nargs": nargs, "repeat": repeat}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# Fields that a run (TrainConfig) and a study (StudySettings) share: declared once, here.
+
+def data_option():
+    return option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
+                        "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
+
+
+def curation_option():
+    # Where the file lives; what it changes is part of the data set's name (data.dataset_name), which
+    # split manifests and trial records are keyed by.
+    return option("", "curation CSV (image, action, label, note): images to exclude or relabel, applied after "
+                      "scanning; the split stays the published data's, and records name the curated data set",
+                  role=WHERE)
+
+
+def runs_option():  # the field is `output` (configs and records keep it); its option is --runs
+    return option("runs", "the runs folder: run folders (a study's in RUNS/NAME) and the MLflow store "
+                          "RUNS/mlflow.db, unless MLFLOW_TRACKING_URI is set", role=WHERE, metavar="DIR")
+
+
+def cache_option():
+    return option(str(DEFAULT_CACHE), "feature cache folder; '' keeps features in memory only", role=WHERE)
+
+
+def device_option():
+    return option("auto", "cpu, cuda, cuda:N; auto: CUDA when present (a study's trials: on their node)",
+                  choices=DEVICES, parse=device_name, role=WHERE)
+
+
+def mlflow_option():
+    return option(True, "log to MLflow (a study: its own run and its trials' runs)", role=WHERE)
+
+
+def experiment_option():
+    return option("orestudy", "MLflow experiment", role=WHERE)
 
 
 @dataclass
@@ -125,20 +212,16 @@ class TrainConfig:
     precision: str = option("auto", "autocast dtype; auto: bf16 on CUDA and on CPUs with native bf16, "
                                     "else fp32", choices=("auto", "bf16", "fp32"))
     threads: int = option(0, "CPU threads; 0: all cores this process may use", role=WHERE)
-    device: str = option("auto", "cpu, cuda, cuda:N; auto: CUDA when present", role=WHERE)
-    data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
-                             "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
-    # Where the file lives; what it changes is part of the data set's name (data.dataset_name), which
-    # split manifests and trial records are keyed by.
-    curation: str = option("", "curation CSV (image, action, label, note): images to exclude or relabel, "
-                               "applied after scanning; the split stays the published data's", role=WHERE)
-    output: str = option("runs", "folder of run folders and the MLflow store", role=WHERE)
+    device: str = device_option()
+    data: str = data_option()
+    curation: str = curation_option()
+    output: str = runs_option()
     name: str = option("", "run folder name; derived from the config when empty (then -2, -3, ... is added "
                            "while that folder exists)", role=WHERE)
     exist_ok: bool = option(False, "let --name reuse an existing run folder (otherwise an error)", role=WHERE)
-    cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps it in memory only", role=WHERE)
-    mlflow: bool = option(True, "log the run to MLflow", role=WHERE)
-    experiment: str = option("orestudy", "MLflow experiment", role=WHERE)
+    cache: str = cache_option()
+    mlflow: bool = mlflow_option()
+    experiment: str = experiment_option()
     register: str = option("", "register the run's MLflow model under this name in the model registry",
                            role=WHERE)
     parent_run: str = option("", "MLflow run id of the study this run belongs to", role=WHERE)
@@ -286,27 +369,26 @@ def computation_of(config: TrainConfig) -> dict:
 class StudySettings:
     """Where a study (replicate's grid, a search) lives and how its trials are run: one CLI section
     shared by both faces (cli.add_options)."""
-    name: str = option("", "the study's name: its folder under --output and --storage-path, and its MLflow "
+    name: str = option("", "the study's name: its folder under --runs and --storage-path, and its MLflow "
                            "run (default: derived from the command)", role=WHERE)
-    output: str = option("runs", "run folders live in OUTPUT/NAME; the MLflow store in OUTPUT", role=WHERE)
+    output: str = runs_option()
     storage_path: str = option("", "Ray Tune's results and checkpoints: a folder every node reaches, or "
-                                   "s3:// gs:// (default: OUTPUT/ray_results)", role=WHERE)
-    experiment: str = option("orestudy", "MLflow experiment", role=WHERE)
-    mlflow: bool = option(True, "log the study and its trials to MLflow", role=WHERE)
+                                   "s3:// gs:// (default: RUNS/ray_results)", role=WHERE)
+    experiment: str = experiment_option()
+    mlflow: bool = mlflow_option()
     max_failures: int = option(2, "retries of a trial that raised, from its last finished epoch, before "
                                   "it counts as failed", role=WHERE)
     cpus_per_trial: int = option(0, "0: a whole (smallest) node, or its share per GPU trial", role=WHERE)
     gpus_per_trial: float = option(0.0, "0: one GPU where nodes have GPUs; a fraction shares one", role=WHERE)
-    data: str = option(None, "image folder with one sub-folder per class (default: ORESTUDY_DATA or "
-                             "../shared/data/minerals)", role=WHERE, factory=lambda: str(default_data_root()))
-    cache: str = option(str(DEFAULT_CACHE), "feature cache folder; '' keeps features in memory only", role=WHERE)
-    curation: str = option("", "curation CSV every trial's data is curated by (see train --curation); its "
-                               "trials' records name the curated data set", role=WHERE)
-    device: str = option("auto", "the trials' device: cpu, cuda; auto: CUDA where a node has it", role=WHERE)
+    data: str = data_option()
+    cache: str = cache_option()
+    curation: str = curation_option()
+    device: str = device_option()
     address: str = option("", "a Ray cluster to join ('auto': the one running here, or host:port); "
                               "default: start Ray in this process", role=WHERE)
 
     def __post_init__(self):
+        device_name(self.device)
         # Trials run in their own working folders: every path they are given is absolute.
         self.output = str(Path(self.output).resolve())
         self.data = str(Path(self.data).resolve())
@@ -320,3 +402,81 @@ class StudySettings:
     @property
     def path(self) -> str:
         return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+
+def duration(text: str) -> float:
+    """Seconds from '5400', '90m', '6h' or '1h30m'."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or not match:
+        raise ValueError(f"not a duration: {text!r} (e.g. 5400, 90m, 6h, 1h30m)")
+    h, m, s = (float(g or 0) for g in match.groups())
+    return h * 3600 + m * 60 + s
+
+
+def grid_row(name: str) -> tuple[str, str | None]:
+    """A grid row's name as (regime, attention): tl_da_se is regime tl_da with attention se (the rows
+    replicate --regimes takes); a regime alone is (regime, None)."""
+    for attention in ATTENTIONS:
+        regime = name.removesuffix(f"_{attention}")
+        if attention != "none" and regime != name and regime in REGIMES:
+            return regime, attention
+    return name, None
+
+
+# The sections of a command's options beyond where it lives (StudySettings): option groups (cli.add_options)
+SEARCH, RETRAINING, SELECTION, HOW = "search", "retraining", "selection", "how"
+DEFAULT_SEEDS = (231, 1, 2, 3, 4)  # the committed studies' seeds: train's default seed, then 1-4
+
+
+@dataclass
+class SearchSettings:
+    """What a search does beyond where it lives (StudySettings)."""
+    trials: int = option(0, "finished trials the search should have in all (default: the space's budget.trials); "
+                            "a resumed search runs only the missing ones", role=SEARCH)
+    folds: int = option(0, "a trial's objective is the mean best validation accuracy over K grouped, stratified "
+                           "folds of the non-test images (default: the space's budget.folds, 1)", role=SEARCH)
+    time_budget: float = option(0.0, "stop searching after this long (5400, 90m, 6h, 1h30m): running trials "
+                                     "are cut, and re-run first by --resume; the retraining follows (default: no "
+                                     "limit)", role=SEARCH, parse=duration, metavar="DURATION")
+    resume: bool = option(False, "continue the search with this name", role=SEARCH)
+    sampler_seed: int = option(0, "TPE's seed", role=SEARCH)
+    seeds: tuple[int, ...] = option(DEFAULT_SEEDS, "retrain the best configuration once per seed (split and "
+                                    "training seed) and test it; none: no retraining (default: 231,1,2,3,4, the "
+                                    "committed studies' seeds, train's --seed first)", role=RETRAINING, nargs="*")
+    baseline: bool = option(True, "retrain the space's baseline (the paper recipe) beside the best", role=RETRAINING)
+    baseline_seeds: tuple[int, ...] = option((), "the baseline's seeds, when fewer than --seeds are affordable "
+                                                 "(default: the same)", role=RETRAINING, nargs="+")
+    reuse: tuple[str, ...] = option((), "finished trials of earlier studies (a replicate report's or a search's "
+                                        "trials.jsonl, from any machine): a retraining run of the same "
+                                        "configuration, seed and data is not run again but read from its "
+                                        "record; repeatable", role=RETRAINING, metavar="TRIALS_JSONL", repeat=True)
+
+
+GRID_FILE = REPO_ROOT / "experiments" / "paper_grid.yaml"
+PUBLISHED_FILE = REPO_ROOT / "experiments" / "published_results.yaml"
+
+
+@dataclass
+class ReplicationSettings:
+    """What a replication study does beyond where it lives (StudySettings): which trials (the grid file,
+    its filters, seeds and budget, and fields every trial shares), and how it runs."""
+    grid: str = option(str(GRID_FILE), "grid file", role=SELECTION)
+    published: str = option(str(PUBLISHED_FILE), "published numbers", role=SELECTION)
+    only: list[str] = option(None, "e.g. table4", role=SELECTION, metavar="TABLE", nargs="+", factory=list)
+    backbones: list[str] = option(None, "e.g. mobilenet_v2,mobilenet_v1", role=SELECTION, nargs="+", factory=list)
+    regimes: list[str] = option(None, "rows: scratch, tl, tl_da, tl_da_se", role=SELECTION, nargs="+", factory=list)
+    schedules: list[str] = option(None, "frozen, unfrozen, frozen10", role=SELECTION, nargs="+", factory=list)
+    seeds: list[int] = option(None, "split and training seeds, each cell runs once per seed (default: the grid's, "
+                                    "231)", role=SELECTION, nargs="+", factory=list)
+    epochs: int = option(0, "budget: epochs per trial instead of the grid's (frozen epochs scale along; default: "
+                            "the grid's, the paper's 20)", role=SELECTION)
+    # --set FIELD=VALUE, written by the face: a value is checked against its TrainConfig field
+    fields: dict = option(None, "any other TrainConfig field for every trial, e.g. image_size=128", role=SELECTION,
+                          metavar="FIELD=VALUE", factory=dict)
+    resume: bool = option(False, "continue the interrupted study of the same command", role=HOW)
+    reuse: list[str] = option(None, "finished trials of an earlier study (its report/trials.jsonl, from any "
+                                    "machine): a trial of the same configuration on the same data is not run "
+                                    "again but reported; repeatable", role=HOW, metavar="TRIALS_JSONL", repeat=True,
+                              factory=list)
+    report_only: bool = option(False, "write the report of the study as it stands (with --reuse records), running "
+                                      "nothing", role=HOW)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from . import files
-from .config import ATTENTIONS, REPO_ROOT, TIMM_PREFIX
+from .config import ATTENTIONS, BACKBONE_TABLE, REPO_ROOT, TIMM_PREFIX
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -110,7 +110,7 @@ def create_attention(kind: str, channels: int, reduction: int) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Backbones. One registry entry per backbone (REGISTRY below; `timm/<name>` entries are made on demand).
+# Backbones. One registry entry per backbone (REGISTRY below, from config.BACKBONE_TABLE; `timm/<name>` entries are made on demand).
 # An entry's build(pretrained, num_classes, dropout) returns (features, channels, head layers or None
 # for the standard pool-dropout-linear head). features is a Sequential of "depth units", the places
 # where a backbone can be partly frozen (freeze_depth counts them) and its outputs cached.
@@ -386,19 +386,13 @@ def efficientnet_lite(k: int, pretrained: bool, num_classes: int, dropout: float
     return timm_depth_units(net), net.num_features, None
 
 
-TF = {"mean": tuple(TF_MEAN), "std": tuple(TF_STD)}  # Google's TensorFlow weights take x / 127.5 - 1
-REGISTRY = {
-    "alexnet": Backbone(functools.partial(fc_head_backbone, "alexnet", 256, 6)),
-    "vgg16": Backbone(functools.partial(fc_head_backbone, "vgg16", 512, 7)),
-    "resnet50": Backbone(resnet50),
-    "inception_v3": Backbone(inception_v3, 299, **TF),
-    "mobilenet_v2": Backbone(mobilenet_v2),
-    "mobilenet_v1": Backbone(mobilenet_v1, **TF),
-    # sizes and interpolation: timm's pretrained configs of tf_efficientnet_lite{0,1,2}
-    "efficientnet_lite0": Backbone(functools.partial(efficientnet_lite, 0), 224, **TF, interpolation="bicubic"),
-    "efficientnet_lite1": Backbone(functools.partial(efficientnet_lite, 1), 240, **TF, interpolation="bicubic"),
-    "efficientnet_lite2": Backbone(functools.partial(efficientnet_lite, 2), 260, **TF, interpolation="bicubic"),
-}
+# The registered backbones, made from config.BACKBONE_TABLE (the one list of their names): its entry's
+# builder is a function of this module, given its leading arguments.
+NORMALIZATIONS = {"imagenet": {"mean": tuple(IMAGENET_MEAN), "std": tuple(IMAGENET_STD)},
+                  "tf": {"mean": tuple(TF_MEAN), "std": tuple(TF_STD)}}  # Google's TensorFlow weights: x / 127.5 - 1
+REGISTRY = {name: Backbone(functools.partial(globals()[info.builder], *info.args), info.input_size,
+                           **NORMALIZATIONS[info.normalization], interpolation=info.interpolation)
+            for name, info in BACKBONE_TABLE.items()}
 
 
 def registry_entry(name: str) -> Backbone:

@@ -19,7 +19,7 @@ from .. import config
 
 def main(argv: list[str] | None = None) -> list[dict]:
     defaults = config.defaults()
-    p = argparse.ArgumentParser(prog=cli.prog("answers"), description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(prog=cli.prog("answers"), description=__doc__)
     p.add_argument("records", nargs="+", help="trials.jsonl files whose records keep per-image softmax")
     p.add_argument("--output", type=Path, default=Path("runs/answers"), help="folder (default: %(default)s)")
     p.add_argument("--target-error", type=float, default=defaults["unknown_target_error"],

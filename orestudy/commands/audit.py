@@ -23,8 +23,7 @@ from .. import config
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog=cli.prog("audit"), description=__doc__,
-                                     formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(prog=cli.prog("audit"), description=__doc__)
     parser.add_argument("--data", type=Path, default=config.default_data_root(),
                         help="image folder with one sub-folder per class (ORESTUDY_DATA sets the default)")
     parser.add_argument("--output", type=Path, default=Path("runs/audit"), help="folder for the audit's files")
@@ -40,8 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--curation", default="", metavar="FILE", help="audit the data after this curation file")
     parser.add_argument("--cache", default=str(config.DEFAULT_CACHE), help="feature cache folder; '': memory only")
     parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True, help="log the audit as an MLflow run")
-    parser.add_argument("--runs", default="runs", help="folder whose mlflow.db the audit is logged to, unless "
-                                                        "MLFLOW_TRACKING_URI is set")
+    parser.add_argument("--runs", default="runs", help="the runs folder, whose MLflow store (RUNS/mlflow.db) the "
+                                                       "audit is logged to, unless MLFLOW_TRACKING_URI is set")
     parser.add_argument("--experiment", default="orestudy-eda", help="MLflow experiment")
     args = parser.parse_args(argv)
     if args.folds < 2 or args.top < 1:

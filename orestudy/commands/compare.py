@@ -29,8 +29,7 @@ def one_configuration(path: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog=cli.prog("compare"), description=__doc__,
-                                formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(prog=cli.prog("compare"), description=__doc__)
     p.add_argument("records", nargs="*", help="trials.jsonl files (a replicate or search report's)")
     p.add_argument("--output", type=Path, default=Path("runs/effects"), help="folder for the table and figure")
     p.add_argument("--backbones", nargs="+", action=cli.list_option(), default=[],

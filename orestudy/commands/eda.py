@@ -19,11 +19,13 @@ from .. import config
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog=cli.prog("eda"), description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(prog=cli.prog("eda"), description=__doc__)
     parser.add_argument("--data", type=Path, default=config.default_data_root(),
                         help="image folder with one sub-folder per class (ORESTUDY_DATA sets the default)")
     parser.add_argument("--output", type=Path, default=Path("runs/eda"), help="folder for the report and figures")
-    parser.add_argument("--input-size", type=int, default=224, help="model input size the mean/std are taken at")
+    size = parser.add_argument("--image-size", type=int, default=224,
+                               help="input size in pixels the mean/std are taken at")
+    cli.deprecate(parser, "--input-size", size)
     parser.add_argument("--seed", type=int, default=0, help="which photo of each class is shown")
     parser.add_argument("--audit", action=argparse.BooleanOptionalAction, default=True,
                         help="run the label audit too (about a minute per thousand photos on a CPU)")
@@ -31,15 +33,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", default=str(config.DEFAULT_CACHE), help="the audit's feature cache; '': none")
     parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
                         help="log the report as an MLflow run")
-    parser.add_argument("--runs", default="runs",
-                        help="folder whose mlflow.db the report is logged to, unless MLFLOW_TRACKING_URI is set")
+    parser.add_argument("--runs", default="runs", help="the runs folder, whose MLflow store (RUNS/mlflow.db) the "
+                                                       "report is logged to, unless MLFLOW_TRACKING_URI is set")
     parser.add_argument("--experiment", default="orestudy-eda", help="MLflow experiment")
     args = parser.parse_args(argv)
     from .. import tracking
     from ..analysis.exploration import CHANNELS, run_eda
 
     try:
-        stats = run_eda(args.data, args.output, args.input_size, args.seed, sys.stderr.isatty(), args.audit,
+        stats = run_eda(args.data, args.output, args.image_size, args.seed, sys.stderr.isatty(), args.audit,
                         args.curation, args.cache)
     except (OSError, ValueError) as err:  # data.DataError among them: one line, no traceback
         parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -19,13 +19,13 @@ from . import cli
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog=cli.prog("ensemble"), description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(prog=cli.prog("ensemble"), description=__doc__)
     parser.add_argument("members", nargs="+", metavar="RUN_DIR", help="finished run folders on one split")
     parser.add_argument("--output", required=True, type=Path, help="the ensemble's folder")
     parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
                         help="log the ensemble as an MLflow run, naming its members' runs")
-    parser.add_argument("--runs", default="runs", help="folder whose mlflow.db receives the run (the members' "
-                                                       "store by default), unless MLFLOW_TRACKING_URI is set")
+    parser.add_argument("--runs", default="runs", help="the runs folder, whose MLflow store (RUNS/mlflow.db) "
+                                                       "receives the run, unless MLFLOW_TRACKING_URI is set")
     parser.add_argument("--experiment", default="orestudy", help="MLflow experiment (the members' by default)")
     args = parser.parse_args(argv)
     from ..run.ensembling import build_ensemble, log_run  # torch loads only when an ensemble is built

@@ -17,14 +17,14 @@ from . import cli
 
 
 def main(argv: list[str] | None = None) -> tuple:
-    p = argparse.ArgumentParser(prog=cli.prog("export"), description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(prog=cli.prog("export"), description=__doc__)
     p.add_argument("--model", required=True, metavar="RUN_OR_CHECKPOINT",
                    help="run folder, checkpoint file, or MLflow URI (runs:/<id>, models:/<name>/<version>)")
     p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="the file's format")
     p.add_argument("--output", type=Path, help="the file to write (default: model.onnx or model_torchscript.pt "
                                                "beside the checkpoint); its JSON is FILE.json")
-    p.add_argument("--runs", default="runs",
-                   help="folder whose mlflow.db resolves MLflow URIs, unless MLFLOW_TRACKING_URI is set")
+    p.add_argument("--runs", default="runs", help="the runs folder, whose MLflow store (RUNS/mlflow.db) resolves "
+                                                  "MLflow URIs, unless MLFLOW_TRACKING_URI is set")
     args = p.parse_args(argv)
     from ..run import exporting  # torch loads only when an export runs
 

@@ -24,8 +24,7 @@ from . import cli
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=cli.prog("predict"), description=__doc__,
-                                     formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(prog=cli.prog("predict"), description=__doc__)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (read recursively)")
     parser.add_argument("--model", required=True, metavar="RUN_OR_CHECKPOINT",
                         help="run folder, checkpoint file, or MLflow URI (runs:/<id>, models:/<name>/<version>)")
@@ -39,9 +38,9 @@ def argument_parser() -> argparse.ArgumentParser:
                              "with probability C, e.g. 0.95 (calibrated on the validation split)")
     parser.add_argument("--batch-size", type=int, default=32, help="photos per forward pass")
     parser.add_argument("--output", type=Path, help="also write the predictions to this .csv or .json file (default: none)")
-    parser.add_argument("--runs", default="runs",
-                        help="folder whose mlflow.db resolves MLflow URIs, unless MLFLOW_TRACKING_URI is set")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: CUDA when present")
+    parser.add_argument("--runs", default="runs", help="the runs folder, whose MLflow store (RUNS/mlflow.db) "
+                                                       "resolves MLflow URIs, unless MLFLOW_TRACKING_URI is set")
+    parser.add_argument("--device", type=cli.device, default="auto", help="cpu, cuda, cuda:N; auto: CUDA when present")
     parser.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp32"),
                         help="fp32: the answers the MLflow model and the exported file give, to the last digit; "
                              "bf16 / auto (bf16 on CUDA and on CPUs with native bf16): faster, probabilities "

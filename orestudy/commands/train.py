@@ -10,7 +10,7 @@ import argparse
 import json
 
 from . import cli
-from ..config import STUDY, WHERE, TrainConfig, read_recipe
+from ..config import STUDY, WHERE, TrainConfig, grid_row, read_recipe
 
 RESUME_OPTIONS = ("threads", "device", "progress")  # how a resumed run runs may change, not what it computes
 
@@ -22,16 +22,36 @@ def pre_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def argument_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(prog=cli.prog("train"), description=__doc__)
+    cli.add_options(p, TrainConfig, exclude=("parent_run", "evaluate_test"),
+                    group_titles={WHERE: "where the run lives and how it is watched", STUDY: "set by studies"},
+                    more_help={"regime": "; or a grid row's name, the regime with an --attention: tl_da_se is "
+                                         "tl_da with se (replicate --regimes names them so)"})
+    p.add_argument("--config", metavar="RECIPE_YAML", help="a recipe: YAML of the options above by their "
+                   "field names (experiments/recipes/paper.yaml); options given here override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR after its last "
+                   "finished epoch (its last.pt), as its config.json says; only --threads, --device and "
+                   "--progress may be given beside it")
+    return p
+
+
+def config_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
+    """The run's config from its options; --regime as a grid row (tl_da_se) sets --attention too."""
+    regime, attention = grid_row(args.regime)
+    if attention:
+        if args.attention not in (attention, parser.get_default("attention")):
+            parser.error(f"--regime {args.regime} is --regime {regime} --attention {attention}, not --attention "
+                         f"{args.attention}")
+        args.regime, args.attention = regime, attention
+    try:
+        return cli.from_args(args, TrainConfig)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog=cli.prog("train"), description=__doc__,
-                                     formatter_class=cli.HelpFormatter)
-    cli.add_options(parser, TrainConfig, exclude=("parent_run", "evaluate_test"),
-                    group_titles={WHERE: "where the run lives and how it is watched", STUDY: "set by studies"})
-    parser.add_argument("--config", metavar="RECIPE_YAML", help="a recipe: YAML of the options above by their "
-                        "field names (experiments/recipes/paper.yaml); options given here override it")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR after its last "
-                        "finished epoch (its last.pt), as its config.json says; only --threads, --device and "
-                        "--progress may be given beside it")
+    parser = argument_parser()
     recipe, _ = pre_parser().parse_known_args(argv)
     if recipe.config:
         try:
@@ -44,11 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--resume takes the run's configuration from its config.json: drop --config")
     if args.resume and set(changed) - set(RESUME_OPTIONS):
         parser.error(f"--resume takes the run's configuration from its config.json: drop "
-                     f"{', '.join('--' + k.replace('_', '-') for k in sorted(set(changed) - set(RESUME_OPTIONS)))}")
-    try:
-        config, state = cli.from_args(args, TrainConfig), None
-    except ValueError as err:
-        parser.error(str(err))
+                     f"{', '.join(cli.option_name(parser, k) for k in sorted(set(changed) - set(RESUME_OPTIONS)))}")
+    config, state = config_from(parser, args), None
     from .. import data  # torch loads only when a run starts
     from ..run import reports, training
 

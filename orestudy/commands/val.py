@@ -28,20 +28,20 @@ def default_output(model: str, data: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog=cli.prog("val"), description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(prog=cli.prog("val"), description=__doc__)
     p.add_argument("--model", required=True, metavar="RUN_OR_CHECKPOINT",
                    help="run folder, checkpoint file, or MLflow URI (runs:/<id>, models:/<name>/<version>)")
     p.add_argument("--data", required=True, type=Path, metavar="FOLDER", help="image folder with one sub-folder per class")
     p.add_argument("--output", type=Path, help="folder for metrics.json and confusion_matrix.png "
                                                "(default: runs/val/<run>-<data folder>)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: CUDA when present")
+    p.add_argument("--device", type=cli.device, default="auto", help="cpu, cuda, cuda:N; auto: CUDA when present")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with native bf16")
     p.add_argument("--threads", type=int, default=0, help="0: all cores this process may use")
     p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True, help="log the result as an MLflow run")
-    p.add_argument("--runs", default="runs", help="folder whose mlflow.db resolves MLflow URIs and receives the "
-                                                  "run, unless MLFLOW_TRACKING_URI is set")
+    p.add_argument("--runs", default="runs", help="the runs folder, whose MLflow store (RUNS/mlflow.db) resolves "
+                                                  "MLflow URIs and receives the run, unless MLFLOW_TRACKING_URI is set")
     p.add_argument("--experiment", default="orestudy-val", help="MLflow experiment")
     args = p.parse_args(argv)
     if args.batch_size < 1:

@@ -3,7 +3,6 @@ those earlier records stand in for), then the report (grid_report) and the study
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -11,20 +10,10 @@ from ray import tune
 
 from . import grid as grids, grid_report, study
 from .. import tracking
+from ..config import ReplicationSettings
 
 
-@dataclass
-class Selection:
-    """Which trials: the grid file, its filters, seeds and budget, and fields every trial shares."""
-    grid: str = str(grids.GRID)
-    published: str = str(grids.PUBLISHED)
-    only: list[str] = field(default_factory=list)
-    backbones: list[str] = field(default_factory=list)
-    regimes: list[str] = field(default_factory=list)
-    schedules: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)     # empty: the grid's
-    epochs: int = 0                                     # 0: the paper's
-    fields: dict = field(default_factory=dict)          # other TrainConfig fields for every trial
+Selection = ReplicationSettings  # its name before it moved to config
 
 
 def chosen_cells(selection: Selection, grid: dict) -> list[grids.Cell]:
@@ -49,11 +38,12 @@ def default_name(selection: Selection, grid: dict, epochs: int, seeds: list[int]
     return "_".join(parts + ["s" + "-".join(map(str, seeds))])
 
 
-def replicate(selection: Selection, settings: study.StudySettings, resume: bool = False,
-              reuse: tuple[str, ...] = (), report_only: bool = False) -> int:
-    """Run (or continue, or only report) the study; 0 when every trial has an outcome, 1 when some
-    are unfinished (run the same command with --resume). Bad options raise ValueError (or
-    FileNotFoundError / FileExistsError for a study that is missing or already there)."""
+def replicate(selection: Selection, settings: study.StudySettings) -> int:
+    """Run (or continue: selection.resume, or only report: selection.report_only) the study; 0 when
+    every trial has an outcome, 1 when some are unfinished (run the same command with --resume). Bad
+    options raise ValueError (or FileNotFoundError / FileExistsError for a study that is missing or
+    already there)."""
+    resume, reuse, report_only = selection.resume, tuple(selection.reuse), selection.report_only
     grid = grids.load_grid(selection.grid)
     published = yaml.safe_load(Path(selection.published).read_text())
     cells = chosen_cells(selection, grid)

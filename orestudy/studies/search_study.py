@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,25 +23,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from . import search_report, study
 from .. import tracking
-from ..config import TrainConfig
+from ..config import SearchSettings, TrainConfig  # SearchSettings: imported from here before
 from .search_report import best_trial, finished, trial_name
 from .search_space import SearchSpace, SearchSpaceError, check_weights
 
 METRIC = study.METRIC  # the objective, and ASHA's signal: the best validation accuracy so far (fold mean)
-
-
-@dataclass
-class SearchSettings:
-    """What a search does beyond where it lives (study.StudySettings)."""
-    trials: int = 0                 # finished trials wanted in all; 0: the space's budget.trials
-    time_budget_s: float = 0.0      # stop searching after this long (0: no limit); retraining follows
-    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)  # the best is retrained and tested once per seed; () skips it
-    baseline: bool = True           # retrain the space's baseline beside the best
-    baseline_seeds: tuple[int, ...] = ()  # its seeds; (): the best's (a full fine-tuning recipe costs more)
-    resume: bool = False
-    sampler_seed: int = 0
-    folds: int = 0                  # the objective's folds; 0: the space's budget.folds
-    reuse: tuple[str, ...] = ()     # trials.jsonl files whose finished records stand in for retraining runs
 
 
 def open_study(space: SearchSpace, folder: Path, name: str, resume: bool) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
@@ -179,7 +164,7 @@ def search_session(found: optuna.Study, storage, space: SearchSpace, settings: s
         return
     print(f"[search] {done_before} of {target} trials finished: running {target - done_before} more", flush=True)
     log = SearchLog(lambda: note_session(found, started, done_before))
-    run_trials(found, storage, space, settings, base, target - done_before, options.time_budget_s,
+    run_trials(found, storage, space, settings, base, target - done_before, options.time_budget,
                options.sampler_seed, log)
     note_session(found, started, done_before)
 
