@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 set +e
 .venv/bin/orestudy replicate --grid experiments/beyond_grid.yaml --only full --seeds 231,1,2,3,4 \
-    --gpus-per-trial "$GPUS_PER_TRIAL" --name "$NAME" --output runs "$@" 2>&1 | tee "$OUT/study.log"
+    --gpus-per-trial "$GPUS_PER_TRIAL" --name "$NAME" --runs runs "$@" 2>&1 | tee "$OUT/study.log"
 status=${PIPESTATUS[0]}
 set -e
 echo "wall seconds: $(( $(date +%s) - start )), replicate exit status $status" | tee -a "$OUT/machine.txt"

@@ -1,10 +1,10 @@
 """Prediction throughput of `orestudy.predict`, in images per second, on a folder of real photos.
 
-End to end is what `python -m orestudy.predict` does per image (decode, resize, centre crop, normalise,
+End to end is what `orestudy predict` does per image (decode, resize, centre crop, normalise,
 forward, softmax, threshold), after one warm-up batch; decoding alone and the model alone on ready
 inputs are timed too, to show which one bounds it. Use a full-size (224 px) checkpoint:
 
-    python -m orestudy.train --epochs 1 --freeze-epochs 1 --regime tl --attention se --no-mlflow --output /tmp/bench_runs
+    orestudy train --epochs 1 --freeze-epochs 1 --regime tl --attention se --no-mlflow --runs /tmp/bench_runs
     python benchmarks/predict_throughput.py --model /tmp/bench_runs/mobilenet_v2_tl_se8_f1_e1_s231
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Screenshots of a training run in MLflow's UI, for the docs (docs/usage/tracking.md): its overview, metric
 charts and artifacts.
 
-    orestudy train --freeze-epochs 20 --epochs 20 --output /tmp/shots --name frozen20
+    orestudy train --freeze-epochs 20 --epochs 20 --runs /tmp/shots --name frozen20
     python docs/screenshots.py --runs /tmp/shots --output docs/figures
 
 Starts `mlflow server` on 127.0.0.1 over the run folder's store and photographs its pages with headless

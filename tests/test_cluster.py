@@ -120,7 +120,7 @@ def test_study_on_a_two_node_cluster(two_node_cluster, image_folder, tmp_path):
     output = tmp_path / "runs"  # on a real cluster: a shared folder or an s3:// storage path
     study = subprocess.run(
         [sys.executable, "-m", "orestudy.replicate", "--address", address, "--grid", str(tmp_path / "grid.yaml"),
-         "--data", str(image_folder), "--output", str(output), "--cache", str(tmp_path / "cache"),
+         "--data", str(image_folder), "--runs", str(output), "--cache", str(tmp_path / "cache"),
          "--seeds", "1,2,3,4", "--name", "cluster"],
         capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=400)
     log = study.stdout + study.stderr

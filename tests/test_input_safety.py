@@ -86,7 +86,7 @@ def test_a_class_too_small_to_stratify_is_refused_naming_it(tmp_path, capsys):
     with pytest.raises(data.DataError, match="class 'pyrite' has 2 images in 2 near-duplicate groups"):
         data.make_split(records, 231)
     with pytest.raises(SystemExit):
-        train.main(["--data", str(root), "--output", str(tmp_path / "runs"), "--cache", "", "--no-mlflow",
+        train.main(["--data", str(root), "--runs", str(tmp_path / "runs"), "--cache", "", "--no-mlflow",
                     "--threads", "1"])
     assert _one_error_line(capsys, "pyrite")
 
@@ -132,9 +132,9 @@ def test_yaml_configs_are_checked_the_same_way():
 
 def test_missing_data_folder_and_garbage_checkpoint_get_one_line(tmp_path, capsys):
     nowhere = str(tmp_path / "nowhere")
-    for main in (lambda: train.main(["--data", nowhere, "--output", str(tmp_path / "runs"), "--no-mlflow"]),
+    for main in (lambda: train.main(["--data", nowhere, "--runs", str(tmp_path / "runs"), "--no-mlflow"]),
                  lambda: eda.main(["--data", nowhere, "--output", str(tmp_path / "eda"), "--no-mlflow"]),
-                 lambda: search.main(["smoke", "--data", nowhere, "--output", str(tmp_path / "s")])):
+                 lambda: search.main(["smoke", "--data", nowhere, "--runs", str(tmp_path / "s")])):
         with pytest.raises(SystemExit):
             main()
         assert _one_error_line(capsys, "nowhere")

@@ -76,7 +76,7 @@ def test_tiny_search_resumes_and_retrains(image_folder, tmp_path, monkeypatch, r
     space_file = tmp_path / "tiny.yaml"
     space_file.write_text(TINY_SPACE)
     out = tmp_path / "runs"
-    common = [str(space_file), "--output", str(out), "--data", str(image_folder), "--cache", str(tmp_path / "cache"),
+    common = [str(space_file), "--runs", str(out), "--data", str(image_folder), "--cache", str(tmp_path / "cache"),
               "--experiment", "tiny-search"]
 
     search.main(common + ["--seeds"])  # 1 trial (the space's budget), no retraining
@@ -158,7 +158,7 @@ def test_a_cross_validated_search_reports_the_fold_mean_and_spread(image_folder,
     space_file.write_text(TINY_SPACE.replace("trials: 1}", "trials: 1, folds: 2}"))
     assert search_space.load_space(str(space_file)).folds == 2
     out = tmp_path / "runs"
-    summary = search.main([str(space_file), "--output", str(out), "--data", str(image_folder), "--cache",
+    summary = search.main([str(space_file), "--runs", str(out), "--data", str(image_folder), "--cache",
                            str(tmp_path / "cache"), "--no-mlflow", "--seeds"])
     best = summary["best"]
     assert len(best["fold_best_val_accuracy"]) == 2
@@ -168,7 +168,7 @@ def test_a_cross_validated_search_reports_the_fold_mean_and_spread(image_folder,
         assert "accuracy" not in metrics
     assert "fold range" in (out / "cv" / "report.md").read_text()
     with pytest.raises(SystemExit):  # the same search cannot continue with another objective
-        search.main([str(space_file), "--output", str(out), "--data", str(image_folder), "--resume", "--folds", "3",
+        search.main([str(space_file), "--runs", str(out), "--data", str(image_folder), "--resume", "--folds", "3",
                      "--no-mlflow", "--seeds"])
 
 

@@ -36,7 +36,7 @@ TINY_GRID = {
 def tiny_study(folder: Path, tmp: Path, *extra: str, grid: dict = TINY_GRID) -> list[str]:
     path = tmp / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
-    return ["--grid", str(path), "--data", str(folder), "--output", str(tmp / "runs"),
+    return ["--grid", str(path), "--data", str(folder), "--runs", str(tmp / "runs"),
             "--cache", str(tmp / "cache"), "--max-failures", "1", *extra]
 
 
