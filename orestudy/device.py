@@ -10,9 +10,16 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: CUDA where there is one, else the CPU; a CUDA device asked for by name must be there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {name}: CUDA is missing on this machine ({why}); use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:

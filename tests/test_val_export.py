@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from orestudy import data, models
-from orestudy.commands import export, val
+from orestudy.commands import export, predict, val
 from orestudy.run import prediction, validation
 
 
@@ -122,3 +122,26 @@ def test_onnx_and_torchscript_files_compute_what_the_checkpoint_does(trained, tm
             np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-4)
             np.testing.assert_allclose(scripted(x).numpy(), expected, atol=1e-6)
     assert (run_dir / "model.onnx").exists() is False  # --output respected, the run folder untouched
+
+
+def test_val_on_the_models_own_photos_says_how_many_it_trained_and_selected_on(trained, tmp_path, capsys):
+    folder, run_dir = trained
+    with open(run_dir / "split.csv", newline="") as f:
+        splits = [row["split"] for row in csv.DictReader(f)]
+    metrics = val.main(["--model", str(run_dir), "--data", str(folder), "--output", str(tmp_path / "v"),
+                        "--no-mlflow", "--threads", "1"])
+    assert metrics["seen_in_training"] == {"train": splits.count("train"), "val": splits.count("val")}
+    err = capsys.readouterr().err
+    assert f"{splits.count('train')} in its train split and {splits.count('val')} in its val split of the 30" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has it")
+def test_a_cuda_device_without_cuda_is_one_line_naming_it(trained, tmp_path, capsys):
+    folder, run_dir = trained
+    photo = str(next(folder.rglob("*.png")))
+    for face, argv in ((val.main, ["--model", str(run_dir), "--data", str(folder), "--device", "cuda", "--no-mlflow"]),
+                       (predict.main, ["--model", str(run_dir), photo, "--device", "cuda"])):
+        with pytest.raises(SystemExit):
+            face(argv)
+        err = capsys.readouterr().err
+        assert "CUDA is missing on this machine" in err and "checkpoint" not in err and "Traceback" not in err

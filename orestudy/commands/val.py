@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         tracking.use_store(args.runs)
     devices.set_threads(args.threads)
-    device = devices.pick_device(args.device)
     try:
+        device = devices.pick_device(args.device)
         metrics = validation.validate(args.model, args.data, args.batch_size, device,
                                       devices.pick_precision(args.precision, device), sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as err:

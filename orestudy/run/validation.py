@@ -8,6 +8,7 @@ own test images it gives the run's own test numbers.
 """
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from dataclasses import asdict
@@ -30,6 +31,19 @@ def labels_of(records: list[data.ImageRecord], class_names: list[str], root: Pat
     return [class_names.index(r.label) for r in records]
 
 
+def seen_in_training(source: str, records: list[data.ImageRecord]) -> dict[str, int]:
+    """How many of records (by content) the model's run trained on and selected on: the train and val
+    rows of the split.csv beside its checkpoint; {} where there is none (an MLflow URI, a lone file)."""
+    path = Path(source)
+    manifest = (path if path.is_dir() else path.parent) / "split.csv"
+    if not manifest.is_file():
+        return {}
+    shas = {r.sha256 for r in records}
+    with manifest.open(newline="", **data.MANIFEST_ENCODING) as f:
+        used = [row["split"] for row in csv.DictReader(f) if row["sha256"] in shas]
+    return {split: used.count(split) for split in ("train", "val") if split in used}
+
+
 def validate(source: str, root: str | Path, batch_size: int = 32, device: torch.device = torch.device("cpu"),
              dtype: torch.dtype | None = None, progress: bool = False) -> dict:
     """Metrics of the model at source (run folder, checkpoint or MLflow URI) on the images under
@@ -41,6 +55,11 @@ def validate(source: str, root: str | Path, batch_size: int = 32, device: torch.
         print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
     names, size = meta["class_names"], meta["input_size"]
     labels = labels_of(records, names, root)
+    seen = seen_in_training(source, records)
+    if seen:
+        print(f"warning: {' and '.join(f'{n} in its {s} split' for s, n in seen.items())} of the {len(records)} "
+              f"photos in {root} were the model's own (same content): its scores here overstate how it does on "
+              f"new photos", file=sys.stderr)
 
     def inputs(recs):
         return data.normalize(torch.stack([prediction.eval_input(r.path, size) for r in recs]), meta["mean"],
@@ -49,7 +68,7 @@ def validate(source: str, root: str | Path, batch_size: int = 32, device: torch.
     result = evaluate(model, batches(records, labels, batch_size, inputs), device, dtype)
     return {**classification_metrics(result.labels, result.predictions, names), "loss": result.loss,
             "predictions": per_image(root.name, records, result),
-            "n_images": len(records), "unreadable_files": [asdict(b) for b in bad],
+            "n_images": len(records), "seen_in_training": seen, "unreadable_files": [asdict(b) for b in bad],
             "model": source, "data": str(root.resolve()), "input_size": size,
             "precision": str(dtype or "fp32"), "device": str(device)}
 
