@@ -127,3 +127,16 @@ def test_onnx_and_torchscript_files_compute_what_the_checkpoint_does(trained, tm
             np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-4)
             np.testing.assert_allclose(scripted(x).numpy(), expected, atol=1e-6)
     assert (run_dir / "model.onnx").exists() is False  # --output respected, the run folder untouched
+
+
+def test_val_logs_to_its_models_store_not_in_the_working_folder(trained, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder, run_dir = trained
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    val.main(["--model", str(run_dir), "--data", str(folder), "--output", str(tmp_path / "out")])
+    assert list(here.iterdir()) == []
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")  # where the run's own store is
+    (run,) = client.search_runs([client.get_experiment_by_name("orestudy-val").experiment_id])
+    assert run.data.tags["mlflow.runName"] == "val-out"
