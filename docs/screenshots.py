@@ -7,7 +7,8 @@ saved view, a training run's overview, metric charts and artifacts, and (with --
 
 Starts `mlflow server` on 127.0.0.1 over the run folder's store and photographs its pages with headless
 Chromium (Debian's `chromium` package). The UI is a JavaScript app, so Chromium is given virtual time
-to fetch and draw before each shot.
+to fetch and draw before each shot. Look at every PNG: on a busy machine the metric charts (WebGL drawn
+in software) can still be spinners; run it again (or with a larger --wait-ms) until they are drawn.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", default="", help="also photograph this study's run (replicate or search --name)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "figures")
     parser.add_argument("--window-size", default="1600,1100")
-    parser.add_argument("--wait-ms", type=int, default=15000, help="virtual time the page gets to draw")
+    parser.add_argument("--wait-ms", type=int, default=90000, help="virtual time the page gets to draw (its metric "
+                        "charts, drawn with WebGL in software, may still spin at 40 s)")
     args = parser.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -96,16 +98,18 @@ def main(argv: list[str] | None = None) -> None:
     experiment_id, run_id = latest_run(store, args.experiment, args.name)
     port = free_port()
     base = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
-    pages = {"mlflow_runs.png": f"{base}?viewStateShareKey={SAVED_VIEW}",
-             **{file: f"{base}/runs/{run_id}{page}" for file, page in RUN_PAGES.items()}}
+    # MLflow 3.17's UI opens in its GenAI mode unless told otherwise (workflowType), whatever the experiment's kind
+    mode = "workflowType=machine_learning"
+    pages = {"mlflow_runs.png": f"{base}/runs?viewStateShareKey={SAVED_VIEW}&{mode}",
+             **{file: f"{base}/runs/{run_id}{page}?{mode}" for file, page in RUN_PAGES.items()}}
     if args.study:
-        pages["mlflow_study_overview.png"] = f"{base}/runs/{latest_run(store, args.experiment, args.study, 'study')[1]}"
+        pages["mlflow_study_overview.png"] = f"{base}/runs/{latest_run(store, args.experiment, args.study, 'study')[1]}?{mode}"
     server = serve(store, port)
     try:
         args.output.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            screenshot(chromium, f"{base}/runs/{run_id}", Path(tmp) / "warm.png", args.window_size, 0)
         for file, url in pages.items():
+            with tempfile.TemporaryDirectory() as tmp:  # the page once just before, else its charts may still spin
+                screenshot(chromium, url, Path(tmp) / "warm.png", args.window_size, 0)
             screenshot(chromium, url, args.output / file, args.window_size, args.wait_ms)
             print(f"wrote {args.output / file} ({url})")
     finally:

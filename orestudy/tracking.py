@@ -1,7 +1,7 @@
 """Tracking: every run logged to MLflow: MLflow's source, user and git-commit tags and a description;
 the config with the device, dtype and threads it resolved to and the library versions as params;
-per-epoch metrics and the headline test metrics, named in sections MLflow groups (train/, val/, test/,
-answering/, per_class/: METRIC_NAMES; single values such as sizes, the best epoch and the epochs run are
+per-epoch metrics and the headline test metrics, named in sections MLflow groups (test/, test_per_class/,
+train/, val/: METRIC_NAMES; single values such as sizes, the best epoch and the epochs run are
 params); the split as the run's dataset; files, the checkpoint, and the model as a pyfunc that answers
 photos (orestudy/pyfunc_model.py), optionally registered. Experiments are marked as model development
 (MLflow's experiment kind), so the UI opens them on their runs.
@@ -70,13 +70,10 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # else 
 
 # A saved view of the runs list (MLflow's "saved views", an experiment tag each): the runs with their
 # scores and what they varied, best test accuracy first. MLflow's default view shows no metric column;
-# this one opens at #/experiments/<id>?viewStateShareKey=orestudy, or from the runs page's view menu.
+# this one opens at view_url(experiment id), or from the runs page's view menu.
 SAVED_VIEW = "orestudy"
-VIEW_COLUMNS = ([f"metrics.`{m}`" for m in ("test/accuracy", "test/macro_f1", "val/best_accuracy", "best/test_accuracy",
-                                            "best/val_accuracy")]
-                + [f"params.`{p}`" for p in ("backbone", "regime", "attention", "freeze_epochs", "epochs", "seed",
-                                             "wall_seconds")]
-                + ["attributes.`Dataset`", "attributes.`Description`"])
+VIEW_COLUMNS = ([f"metrics.`{m}`" for m in ("test/accuracy", "test/macro_f1", "val/best_accuracy", "best/test_accuracy")]
+                + [f"params.`{p}`" for p in ("backbone", "regime", "attention", "freeze_epochs", "seed")])
 
 
 def saved_view() -> dict[str, str]:
@@ -89,9 +86,11 @@ def saved_view() -> dict[str, str]:
 
 
 def view_url(experiment_id: str, run_id: str = "") -> str:
-    """Where the UI of `mlflow ui` (port 5000) shows a run, or the experiment's runs in the saved view."""
-    base = f"http://127.0.0.1:5000/#/experiments/{experiment_id}"
-    return f"{base}/runs/{run_id}" if run_id else f"{base}?viewStateShareKey={SAVED_VIEW}"
+    """Where the UI of `mlflow ui` (port 5000) shows a run, or the experiment's runs in the saved view (in
+    its model-training mode: MLflow 3.17's UI opens in its GenAI mode unless told, whatever the
+    experiment's kind)."""
+    base, mode = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs", "workflowType=machine_learning"
+    return f"{base}/{run_id}?{mode}" if run_id else f"{base}?viewStateShareKey={SAVED_VIEW}&{mode}"
 
 
 def configure(output: str | Path, experiment: str) -> str:
@@ -117,19 +116,20 @@ def configure(output: str | Path, experiment: str) -> str:
 
 
 # A run's numbers (the keys of its history.csv and metrics.json) as MLflow metrics, named so that MLflow
-# draws them in sections: train/, val/, test/, answering/ (the "unknown" threshold and prediction sets),
-# and per_class/ and curation/ (metric_name). Runs logged before used the flat names of FLAT_NAMES (else
-# the key itself), which read_metric still reads.
+# draws them in sections (in the order of their names, test/accuracy first): test/, test_per_class/,
+# train/, val/ (the "unknown" threshold is chosen on validation, what it does is measured on test) and
+# curation/ (metric_name). Runs logged before used the flat names of FLAT_NAMES (else the key itself),
+# which read_metric still reads.
 METRIC_NAMES = {
     "train_loss": "train/loss", "train_accuracy": "train/accuracy", "epoch_seconds": "train/epoch_seconds",
     "val_loss": "val/loss", "val_accuracy": "val/accuracy", "best_val_accuracy": "val/best_accuracy",
     "val_accuracy_plain": "val/accuracy_plain", "val_accuracy_flips": "val/accuracy_flips",
+    "unknown_threshold": "val/unknown_threshold", "unknown_error_bound": "val/unknown_error_bound",
     "accuracy": "test/accuracy", "macro_f1": "test/macro_f1", "test_loss": "test/loss",
     "test_full_accuracy": "test/full_accuracy", "test_full_macro_f1": "test/full_macro_f1",
-    "unknown_threshold": "answering/unknown_threshold", "unknown_error_bound": "answering/unknown_error_bound",
-    "test_answered_share": "answering/test_answered_share", "test_answered_accuracy": "answering/test_answered_accuracy",
-    "test_answered_error": "answering/test_answered_error", "test_set_coverage": "answering/test_set_coverage",
-    "test_mean_set_size": "answering/test_mean_set_size"}
+    "test_answered_share": "test/answered_share", "test_answered_accuracy": "test/answered_accuracy",
+    "test_answered_error": "test/answered_error", "test_set_coverage": "test/set_coverage",
+    "test_mean_set_size": "test/mean_set_size"}
 FLAT_NAMES = {"accuracy": "test_accuracy", "macro_f1": "test_macro_f1"}
 PER_CLASS = ("precision", "recall", "f1")
 
@@ -140,8 +140,9 @@ SINGLE_VALUES = ("best_epoch", "epochs_run", "wall_seconds", "n_train", "n_val",
 
 
 def valid_name(name: str) -> str:
-    """A metric name MLflow takes: characters it refuses (a class folder's may have any) as '_'."""
-    return re.sub(r"[^/\w.\- :]", "_", name)
+    """A metric name MLflow takes: the commas, plus signs and brackets of a label dropped, any other
+    character it refuses (a class folder's may have any) as '_'."""
+    return re.sub(r"[^/\w.\- :]", "_", re.sub(r"[,+()]", "", name))
 
 
 def metric_name(key: str) -> str | None:
@@ -150,7 +151,7 @@ def metric_name(key: str) -> str | None:
     if key in METRIC_NAMES:
         return METRIC_NAMES[key]
     if any(key.startswith(f"test_{score}_") for score in PER_CLASS):
-        return valid_name(f"per_class/{key}")
+        return valid_name(f"test_per_class/{key.removeprefix('test_')}")
     if key.startswith("curation_"):
         return f"curation/{key.removeprefix('curation_')}"
     return None
@@ -437,7 +438,10 @@ def note_of(text: str, more: str = "report.md") -> str:
 
 def effect_metrics(rows: list[dict]) -> dict[str, float]:
     """An effects table's rows (factor, a, b, mean: B - A in accuracy) as metrics effects/<factor>: B - A."""
-    return {valid_name(f"effects/{r['factor']}: {r['b']} - {r['a']}")[:MAX_KEY]: float(r["mean"]) for r in rows}
+    def label(text) -> str:  # a slash would start another section
+        return valid_name(str(text).replace("/", " of "))
+
+    return {f"effects/{label(r['factor'])}: {label(r['b'])} - {label(r['a'])}"[:MAX_KEY]: float(r["mean"]) for r in rows}
 
 
 MAX_KEY = 250  # MLflow's longest metric name

@@ -11,7 +11,7 @@ import time
 import mlflow
 import pytest
 
-from orestudy import tracking
+from orestudy import data, tracking
 from orestudy.commands import train as train_face
 from orestudy.config import REPO_ROOT
 from orestudy.run import training
@@ -74,9 +74,13 @@ def test_a_run_whose_tracking_cannot_be_set_up_ends_failed(tmp_path, no_tracking
     assert [r.info.status for r in runs_in(tmp_path / "runs")] == ["FAILED"]
 
 
-def refusals(tmp_path):
+def refusals(tmp_path, output):
     """(what, argv, the error's words) of runs refused before a run folder is made."""
     good = png_folder(tmp_path / "good")
+    bad = png_folder(tmp_path / "bad")  # its split manifest no longer matches it
+    manifest = output / "splits" / data.manifest_name(bad, data.scan_folder(bad)[0], 231, "hash")
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("path,sha256,label,split,group\nazurite/gone.png,0,azurite,test,0\n")
     one = tmp_path / "one"
     (one / "azurite").mkdir(parents=True)
     for path in (good / "azurite").iterdir():
@@ -87,13 +91,14 @@ def refusals(tmp_path):
     return [("one class", ["--data", str(one)], "has one class (azurite): a classifier needs"),
             ("too small a class", ["--data", str(small)], "class 'pyrite' has 1 images"),
             ("no data folder", ["--data", str(tmp_path / "missing")], "missing"),
+            ("bad manifest", ["--data", str(bad)], "does not match the data"),
             ("unknown timm model", ["--data", str(good), "--backbone", "timm/not_a_model"],
              "unknown backbone 'timm/not_a_model'")]
 
 
 def test_refused_runs_say_one_line_and_leave_no_run_folder(tmp_path, capsys):
     output = tmp_path / "out"
-    for what, argv, words in refusals(tmp_path):
+    for what, argv, words in refusals(tmp_path, output):
         with pytest.raises(SystemExit) as stop:
             train_face.main([*argv, *TINY, "--output", str(output), "--name", "mine", "--no-mlflow",
                              "--cache", str(tmp_path / "cache")])

@@ -88,8 +88,7 @@ def next_steps(result: dict) -> str:
     if "folds" not in result:
         lines.append(f"next: orestudy predict --model {result['run_dir']} PHOTO_OR_FOLDER ...")
     if result.get("mlflow_uri"):
-        lines.append(f"      mlflow ui --backend-store-uri {result['mlflow_uri']}   # then http://127.0.0.1:5000/#/"
-                     f"experiments/{result['experiment_id']}/runs/{result['mlflow_run']}")
+        lines.append(f"      mlflow ui --backend-store-uri {result['mlflow_uri']}   # then {result['mlflow_url']}")
     return "\n".join(lines)
 
 

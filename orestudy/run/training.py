@@ -533,7 +533,7 @@ def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | N
         raise Interrupted(run.run_dir, progress.epoch) from stop
     (run.run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
     return {**result, "mlflow_run": tracker.run_id or "", "mlflow_uri": tracker.uri,
-            "experiment_id": tracker.experiment_id}
+            "mlflow_url": tracking.view_url(tracker.experiment_id, tracker.run_id) if tracker.run_id else ""}
 
 
 def resumable(run_dir: str | Path, **where) -> tuple[TrainConfig, dict]:
