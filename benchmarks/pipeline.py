@@ -72,7 +72,7 @@ def run_naive(config: TrainConfig, target: float) -> dict:
     torch.manual_seed(config.seed)
     run_dir = Path(config.output) / "naive"
     run_dir.mkdir(parents=True, exist_ok=True)
-    prep = training.prepare_data(config, run_dir)
+    prep = training.prepare_data(config)
     mean, std = data.channel_stats(prep.records["train"], 224)
     tfs = naive_transforms(mean, std)
     train_set = ConcatDataset([NaiveImages(prep.records["train"], prep.labels["train"], t) for t in tfs])

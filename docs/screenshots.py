@@ -1,12 +1,14 @@
-"""Screenshots of a training run in MLflow's UI, for the docs (docs/usage/tracking.md): its overview, metric
-charts and artifacts.
+"""Screenshots of MLflow's UI, for the docs (docs/usage/tracking.md): the experiment's runs in orestudy's
+saved view, a training run's overview, metric charts and artifacts, and (with --study) a study's run.
 
     orestudy train --freeze-epochs 20 --epochs 20 --runs /tmp/shots --name frozen20
-    python docs/screenshots.py --runs /tmp/shots --output docs/figures
+    orestudy replicate --only table4 --backbones mobilenet_v2 --seeds 1,2 --epochs 3 --runs /tmp/shots --name study
+    python docs/screenshots.py --runs /tmp/shots --study study --output docs/figures
 
 Starts `mlflow server` on 127.0.0.1 over the run folder's store and photographs its pages with headless
 Chromium (Debian's `chromium` package). The UI is a JavaScript app, so Chromium is given virtual time
-to fetch and draw before each shot.
+to fetch and draw before each shot. Look at every PNG: on a busy machine the metric charts (WebGL drawn
+in software) can still be spinners; run it again (or with a larger --wait-ms) until they are drawn.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from pathlib import Path
 
 import mlflow
 
-PAGES = {"mlflow_run_overview.png": "", "mlflow_run_metrics.png": "/model-metrics",
-         "mlflow_run_artifacts.png": "/artifacts/confusion_matrix.png"}
+RUN_PAGES = {"mlflow_run_overview.png": "", "mlflow_run_metrics.png": "/model-metrics",
+             "mlflow_run_artifacts.png": "/artifacts/confusion_matrix.png"}
+SAVED_VIEW = "orestudy"  # tracking.SAVED_VIEW, the runs with their scores
 
 
 def free_port() -> int:
@@ -32,16 +35,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def latest_run(store: str, experiment: str, name: str) -> tuple[str, str]:
-    """(experiment id, run id) of the newest finished run, of the given name if one is given."""
+def latest_run(store: str, experiment: str, name: str, kind: str = "run") -> tuple[str, str]:
+    """(experiment id, run id) of the newest finished training run (kind "run") or study run (kind
+    "study"), of the given name if one is given."""
     client = mlflow.MlflowClient(store)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         sys.exit(f"no experiment {experiment!r} in {store}")
     query = "attributes.status = 'FINISHED'" + (f" and attributes.run_name = '{name}'" if name else "")
-    runs = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    runs = [r for r in client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"])
+            if ("orestudy.study" in r.data.tags) == (kind == "study")]
     if not runs:
-        sys.exit(f"no finished run{' named ' + name if name else ''} in experiment {experiment!r} of {store}")
+        sys.exit(f"no finished {kind} run{' named ' + name if name else ''} in experiment {experiment!r} of {store}")
     return found.experiment_id, runs[0].info.run_id
 
 
@@ -77,10 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, required=True, help="output folder of the run (holds mlflow.db)")
     parser.add_argument("--experiment", default="orestudy")
-    parser.add_argument("--name", default="", help="run name (default: the newest finished run)")
+    parser.add_argument("--name", default="", help="run name (default: the newest finished training run)")
+    parser.add_argument("--study", default="", help="also photograph this study's run (replicate or search --name)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "figures")
     parser.add_argument("--window-size", default="1600,1100")
-    parser.add_argument("--wait-ms", type=int, default=15000, help="virtual time the page gets to draw")
+    parser.add_argument("--wait-ms", type=int, default=90000, help="virtual time the page gets to draw (its metric "
+                        "charts, drawn with WebGL in software, may still spin at 40 s)")
     args = parser.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -90,14 +97,19 @@ def main(argv: list[str] | None = None) -> None:
     store = f"sqlite:///{(args.runs / 'mlflow.db').resolve()}"
     experiment_id, run_id = latest_run(store, args.experiment, args.name)
     port = free_port()
+    base = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
+    # MLflow 3.17's UI opens in its GenAI mode unless told otherwise (workflowType), whatever the experiment's kind
+    mode = "workflowType=machine_learning"
+    pages = {"mlflow_runs.png": f"{base}/runs?viewStateShareKey={SAVED_VIEW}&{mode}",
+             **{file: f"{base}/runs/{run_id}{page}?{mode}" for file, page in RUN_PAGES.items()}}
+    if args.study:
+        pages["mlflow_study_overview.png"] = f"{base}/runs/{latest_run(store, args.experiment, args.study, 'study')[1]}?{mode}"
     server = serve(store, port)
     try:
         args.output.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            screenshot(chromium, f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}",
-                       Path(tmp) / "warm.png", args.window_size, 0)
-        for file, page in PAGES.items():
-            url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}{page}"
+        for file, url in pages.items():
+            with tempfile.TemporaryDirectory() as tmp:  # the page once just before, else its charts may still spin
+                screenshot(chromium, url, Path(tmp) / "warm.png", args.window_size, 0)
             screenshot(chromium, url, args.output / file, args.window_size, args.wait_ms)
             print(f"wrote {args.output / file} ({url})")
     finally:

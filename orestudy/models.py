@@ -33,6 +33,10 @@ class WeightsUnavailable(RuntimeError):
     """ImageNet weights for a backbone are neither cached nor downloadable (e.g. offline)."""
 
 
+class UnknownBackbone(ValueError):
+    """A backbone name neither the registry nor timm knows."""
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -326,7 +330,7 @@ def timm_entry(model_name: str) -> Backbone:
     import timm
     from timm.data import resolve_data_config
     if not timm.is_model(model_name):
-        raise ValueError(f"unknown backbone 'timm/{model_name}': timm {timm.__version__} has no such model "
+        raise UnknownBackbone(f"unknown backbone 'timm/{model_name}': timm {timm.__version__} has no such model "
                          f"(timm.list_models() lists them)")
     pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
     data = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
@@ -399,7 +403,7 @@ def registry_entry(name: str) -> Backbone:
     if name.startswith(TIMM_PREFIX):
         return timm_entry(name[len(TIMM_PREFIX):])
     if name not in REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(REGISTRY)} or timm/<model name>")
+        raise UnknownBackbone(f"unknown backbone {name!r}; expected one of {sorted(REGISTRY)} or timm/<model name>")
     return REGISTRY[name]
 
 

@@ -88,7 +88,9 @@ class OreModel(mlflow.pyfunc.PythonModel):
                     raise ValueError(f"row {i}: not a readable image ({type(err).__name__}: {err})") from None
             yield normalize(torch.stack(images), self.prep)
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # The type hint tells MLflow the input is a frame (the logged signature describes its columns); called
+    # directly (unwrap_python_model), predict also takes an already preprocessed tensor or array.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
             batches = self.batches(self.inputs(model_input))
         else:  # an already preprocessed N x 3 x S x S tensor or array

@@ -1,21 +1,29 @@
-"""Tracking: every run logged to MLflow: MLflow's source, user and git-commit tags; the config with
-the device, dtype and threads it resolved to and the library versions as params; per-epoch metrics
-and the headline test metrics (single values such as sizes and the best epoch are params); the split
-as the run's dataset; files, the checkpoint, and the model as a pyfunc that answers photos
-(orestudy/pyfunc_model.py), optionally registered.
+"""Tracking: every run logged to MLflow: MLflow's source, user and git-commit tags and a description;
+the config with the device, dtype and threads it resolved to and the library versions as params;
+per-epoch metrics and the headline test metrics, named in sections MLflow groups (test/, test_per_class/,
+train/, val/: METRIC_NAMES; single values such as sizes, the best epoch and the epochs run are
+params); the split as the run's dataset; files, the checkpoint, and the model as a pyfunc that answers
+photos (orestudy/pyfunc_model.py), optionally registered. Experiments are marked as model development
+(MLflow's experiment kind), so the UI opens them on their runs.
 
 The store is an embedded SQLite file beside the runs unless MLFLOW_TRACKING_URI says otherwise, with
 the artifacts beside it in mlartifacts/, whatever folder a command is started from. Browse it with
 `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db --default-artifact-root runs/mlartifacts`.
-A run ends FINISHED, or FAILED (it raised) or KILLED (Ctrl-C; a trial Tune stopped): never left RUNNING.
+A run ends FINISHED, or FAILED (it raised) or KILLED (Ctrl-C; a trial Tune stopped): never left RUNNING
+by a process that could end it; a run whose process was killed (kill -9) is ended KILLED by the next run
+in its folder (train --resume, or a new run of the same name).
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
+import logging
 import os
+import re
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +38,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, 
 from PIL import Image
 
 from . import data, device as devices, environment
+
+# MLflow's INFO lines (creating a store's tables, validating the input example) and its progress bars
+# for the artifacts it downloads to check a logged model say nothing a run's own lines do not.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 ARTIFACTS = ("config.json", "split.csv", "history.csv", "metrics.json", "predictions.csv", "confusion_matrix.png",
              "learning_curves.png", "best.pt")
@@ -53,10 +66,38 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # else the UI opens on GenAI traces
+
+# A saved view of the runs list (MLflow's "saved views", an experiment tag each): the runs with their
+# scores and what they varied, best test accuracy first. MLflow's default view shows no metric column;
+# this one opens at view_url(experiment id), or from the runs page's view menu.
+SAVED_VIEW = "orestudy"
+VIEW_COLUMNS = ([f"metrics.`{m}`" for m in ("test/accuracy", "test/macro_f1", "val/best_accuracy", "best/test_accuracy")]
+                + [f"params.`{p}`" for p in ("backbone", "regime", "attention", "freeze_epochs", "seed")])
+
+
+def saved_view() -> dict[str, str]:
+    """The experiment tag of the saved view SAVED_VIEW, in the envelope the MLflow UI reads (its name,
+    times in ms and the view's state as a JSON string)."""
+    state = {"selectedColumns": VIEW_COLUMNS, "orderByKey": "metrics.`test/accuracy`", "orderByAsc": False}
+    now = int(time.time() * 1000)
+    return {f"mlflow.sharedViewState.{SAVED_VIEW}": json.dumps(
+        {"name": "orestudy: runs and their scores", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})}
+
+
+def view_url(experiment_id: str, run_id: str = "") -> str:
+    """Where the UI of `mlflow ui` (port 5000) shows a run, or the experiment's runs in the saved view (in
+    its model-training mode: MLflow 3.17's UI opens in its GenAI mode unless told, whatever the
+    experiment's kind)."""
+    base, mode = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs", "workflowType=machine_learning"
+    return f"{base}/{run_id}?{mode}" if run_id else f"{base}?viewStateShareKey={SAVED_VIEW}&{mode}"
+
+
 def configure(output: str | Path, experiment: str) -> str:
     """Point MLflow at its store (use_store); returns the experiment id. A new experiment in a SQLite
     store keeps its artifacts beside the store in mlartifacts/ (MLflow's default would be ./mlruns of
-    the working folder); a tracking server or a file store places them itself."""
+    the working folder); a tracking server or a file store places them itself. Every experiment is
+    marked as model development (EXPERIMENT_KIND), one made before this was set included."""
     Path(output).mkdir(parents=True, exist_ok=True)
     db = sqlite_file(use_store(output))
     # The first process to open a new SQLite store creates its tables: two at once crash without the lock.
@@ -64,28 +105,85 @@ def configure(output: str | Path, experiment: str) -> str:
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
             try:
-                return mlflow.create_experiment(experiment, artifact_location=db and (db.parent / "mlartifacts").as_uri())
+                return mlflow.create_experiment(experiment, artifact_location=db and (db.parent / "mlartifacts").as_uri(),
+                                                tags={**EXPERIMENT_KIND, **saved_view()})
             except mlflow.exceptions.MlflowException:  # another process created it first (a tracking server)
                 exp = mlflow.get_experiment_by_name(experiment)
+        for key, value in {**EXPERIMENT_KIND, **saved_view()}.items():
+            if key not in exp.tags:  # an experiment made before; a view edited in the UI is kept
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
     return exp.experiment_id
 
 
-# Numbers a run has one of, logged as params so the metric page leads with the per-epoch curves.
-SINGLE_VALUES = ("best_epoch", "wall_seconds", "n_train", "n_val", "n_test", "n_train_samples")
+# A run's numbers (the keys of its history.csv and metrics.json) as MLflow metrics, named so that MLflow
+# draws them in sections (in the order of their names, test/accuracy first): test/, test_per_class/,
+# train/, val/ (the "unknown" threshold is chosen on validation, what it does is measured on test) and
+# curation/ (metric_name). Runs logged before used the flat names of FLAT_NAMES (else the key itself),
+# which read_metric still reads.
+METRIC_NAMES = {
+    "train_loss": "train/loss", "train_accuracy": "train/accuracy", "epoch_seconds": "train/epoch_seconds",
+    "val_loss": "val/loss", "val_accuracy": "val/accuracy", "best_val_accuracy": "val/best_accuracy",
+    "val_accuracy_plain": "val/accuracy_plain", "val_accuracy_flips": "val/accuracy_flips",
+    "unknown_threshold": "val/unknown_threshold", "unknown_error_bound": "val/unknown_error_bound",
+    "accuracy": "test/accuracy", "macro_f1": "test/macro_f1", "test_loss": "test/loss",
+    "test_full_accuracy": "test/full_accuracy", "test_full_macro_f1": "test/full_macro_f1",
+    "test_answered_share": "test/answered_share", "test_answered_accuracy": "test/answered_accuracy",
+    "test_answered_error": "test/answered_error", "test_set_coverage": "test/set_coverage",
+    "test_mean_set_size": "test/mean_set_size"}
+FLAT_NAMES = {"accuracy": "test_accuracy", "macro_f1": "test_macro_f1"}
+PER_CLASS = ("precision", "recall", "f1")
+
+# Numbers a run has one of and constants of its config: params, so the metric page shows only what varies
+# or is scored.
+SINGLE_VALUES = ("best_epoch", "epochs_run", "wall_seconds", "n_train", "n_val", "n_test", "n_train_samples",
+                 "n_test_full")
+
+
+def valid_name(name: str) -> str:
+    """A metric name MLflow takes: the commas, plus signs and brackets of a label dropped, any other
+    character it refuses (a class folder's may have any) as '_'."""
+    return re.sub(r"[^/\w.\- :]", "_", re.sub(r"[,+()]", "", name))
+
+
+def metric_name(key: str) -> str | None:
+    """The MLflow metric of a run-file key (history.csv, metrics.json, a per-class test_f1_<class>, a
+    curation_<count>); None for a key that is not a metric."""
+    if key in METRIC_NAMES:
+        return METRIC_NAMES[key]
+    if any(key.startswith(f"test_{score}_") for score in PER_CLASS):
+        return valid_name(f"test_per_class/{key.removeprefix('test_')}")
+    if key.startswith("curation_"):
+        return f"curation/{key.removeprefix('curation_')}"
+    return None
+
+
+def read_metric(metrics: dict[str, float], key: str) -> float | None:
+    """A run's metric by its run-file key, from an MLflow run's metrics (run.data.metrics), whichever
+    names it was logged under: the sections' (metric_name) or the flat ones of earlier runs."""
+    for name in (metric_name(key), FLAT_NAMES.get(key, key)):
+        if name in metrics:
+            return metrics[name]
+    return None
+
+
+def metric_history(client: mlflow.MlflowClient, run_id: str, key: str) -> list:
+    """A run's per-epoch values of a history.csv key, under its section name or an earlier run's flat one."""
+    return client.get_metric_history(run_id, metric_name(key)) or client.get_metric_history(run_id, key)
+
+
+def epoch_metrics(row: dict) -> dict[str, float]:
+    return {metric_name(k): float(v) for k, v in row.items() if metric_name(k)}
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
-    metrics = {k: float(v) for k, v in result.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SINGLE_VALUES + ("threads",)}
+    """A finished run's metrics by their MLflow names."""
+    values = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for name, scores in result.get("per_class", {}).items():
-        metrics.update({f"test_{key}_{name}": float(value) for key, value in scores.items() if key != "support"})
+        values.update({f"test_{key}_{name}": value for key, value in scores.items() if key != "support"})
     for key, value in (result.get("curation") or {}).items():  # a curated run's counts
         if key in ("excluded", "relabelled"):
-            metrics[f"curation_{key}"] = float(value)
-    for key in ("accuracy", "macro_f1"):  # absent when the run did not evaluate the test split
-        if key in metrics:
-            metrics[f"test_{key}"] = metrics.pop(key)
-    return metrics
+            values[f"curation_{key}"] = value
+    return {metric_name(k): float(v) for k, v in values.items() if metric_name(k)}
 
 
 TRIAL_TAG = "orestudy.trial"
@@ -104,20 +202,29 @@ def trial_run(client, experiment_id: str, identity: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
+NOTE = "mlflow.note.content"  # the run's description, as the UI shows and edits it
+
+
 class Tracker:
     """One MLflow run per experiment run; a no-op when tracking is switched off. As a context manager,
     the run is ended FAILED or KILLED when the block raises."""
 
-    def __init__(self, run_id: str | None, register: str = ""):
+    def __init__(self, run_id: str | None, register: str = "", description: str = ""):
         self.run_id = run_id
         self.register = register  # the registered model the run's model becomes a version of; '': none
+        self.description = description
         self.client = mlflow.MlflowClient() if run_id else None
+        self.uri = mlflow.get_tracking_uri() if run_id else ""
+        self.experiment_id = self.client.get_run(run_id).info.experiment_id if run_id else ""
 
     @classmethod
-    def start(cls, config, run_dir: Path, history: list[dict] = (), run_id: str | None = None) -> "Tracker":
+    def start(cls, config, run_dir: Path, history: list[dict] = (), run_id: str | None = None,
+              description: str = "") -> "Tracker":
         """A new run; for a resumed one (history: its epochs so far), its run_id continued where the
         store still has it, else a new run given those epochs. A study trial continues the run of its
-        earlier attempt (found by its identity) also when that left no checkpoint."""
+        earlier attempt (found by its identity) also when that left no checkpoint. A new run first ends
+        the runs a killed process left RUNNING in the same folder (KILLED). description: the run's
+        description (finish adds the result). If anything after the run is made raises, it ends FAILED."""
         if not config.mlflow:
             return cls(None)
         experiment_id = configure(config.output, config.experiment)
@@ -126,21 +233,25 @@ class Tracker:
             if earlier:
                 try:
                     client.update_run(earlier, status="RUNNING")
-                    return cls(earlier, config.register)
+                    return cls(earlier, config.register, description)
                 except mlflow.exceptions.MlflowException:  # resumed against another store
                     pass
+        end_stale_runs(client, experiment_id, run_dir)
         versions = environment.versions()
         tags = {"mlflow.runName": config.run_name(), "run_dir": str(run_dir.resolve()), **source_tags(versions)}
+        if description:
+            tags[NOTE] = description
         if config.parent_run:
             tags.update({"mlflow.parentRunId": config.parent_run, TRIAL_TAG: trial_identity(config)})
         run = client.create_run(experiment_id, tags=tags)
-        params = {**asdict(config), **resolved(config), **{f"version_{k}": v for k, v in versions.items()}}
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
-        if (run_dir / "split.csv").exists():
-            log_split(client, run.info.run_id, run_dir / "split.csv", config)
-        tracker = cls(run.info.run_id, config.register)
-        for row in history:
-            tracker.log_epoch(row)
+        tracker = cls(run.info.run_id, config.register, description)
+        with tracker:  # ended FAILED if the run cannot be set up (a manifest MLflow cannot read, a store gone)
+            params = {**asdict(config), **resolved(config), **{f"version_{k}": v for k, v in versions.items()}}
+            client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+            if (run_dir / "split.csv").exists():
+                log_split(client, run.info.run_id, run_dir / "split.csv", config)
+            for row in history:
+                tracker.log_epoch(row)
         return tracker
 
     def __enter__(self) -> "Tracker":
@@ -153,21 +264,46 @@ class Tracker:
     def log_epoch(self, row: dict) -> None:
         if self.run_id:
             step = int(row["epoch"])
-            self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, step)
-                                                        for k, v in row.items() if k != "epoch"])
+            self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, 0, step)
+                                                        for k, v in epoch_metrics(row).items()])
 
     def finish(self, result: dict, run_dir: Path, model) -> None:
         if not self.run_id:
             return
         self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0)
                                                     for k, v in flat_metrics(result).items()],
-                              params=[mlflow.entities.Param(k, str(result[k])) for k in SINGLE_VALUES if k in result])
+                              params=[mlflow.entities.Param(k, str(result[k])) for k in SINGLE_VALUES if k in result],
+                              tags=[mlflow.entities.RunTag(NOTE, result_note(result) + self.description)])
         for name in ARTIFACTS:
             if (run_dir / name).exists():
                 self.client.log_artifact(self.run_id, str(run_dir / name))
         with mlflow.start_run(run_id=self.run_id):
             log_classifier(model, run_dir, self.register)
         self.client.set_terminated(self.run_id)
+
+
+def result_note(result: dict) -> str:
+    """The headline of a finished run, above its description."""
+    if "accuracy" in result:
+        line = (f"**Test accuracy {result['accuracy']:.4f}**, macro-F1 {result['macro_f1']:.4f} "
+                f"(n = {result['n_test']})")
+    else:
+        line = "Test split not evaluated"
+    return (f"{line}; best validation accuracy {result['best_val_accuracy']:.4f} at epoch {result['best_epoch']} "
+            f"of {result['epochs_run']}; {result['wall_seconds']:.0f} s on {result['device']} "
+            f"({str(result['precision']).removeprefix('torch.')}).\n\n")
+
+
+def end_stale_runs(client: mlflow.MlflowClient, experiment_id: str, run_dir: Path) -> list[str]:
+    """Runs still RUNNING in run_dir: left by a process killed without a chance to end them (kill -9, a
+    lost machine), as a run starts in that folder again: ended KILLED."""
+    where = str(run_dir.resolve())
+    if "'" in where:
+        return []
+    stale = client.search_runs([experiment_id], f"tags.run_dir = '{where}' and attributes.status = 'RUNNING'")
+    for run in stale:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in stale]
 
 
 def source_tags(versions: dict) -> dict[str, str]:
@@ -192,16 +328,25 @@ def resolved(config) -> dict[str, str]:
 
 
 def log_split(client: mlflow.MlflowClient, run_id: str, manifest: Path, config) -> None:
-    """The split manifest (path, content hash, label, split, near-duplicate group) as the run's dataset."""
+    """The split manifest (path, content hash, label, split, near-duplicate group) as the run's dataset.
+    Its paths are the file names as bytes (data.MANIFEST_ENCODING): one that is not UTF-8 is shown with
+    its undecodable bytes replaced; the group is a label, so a string (MLflow warns of integer columns)."""
+    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import DatasetInput, InputTag
 
-    frame = pd.read_csv(manifest)
-    with warnings.catch_warnings():  # MLflow's hints on ambiguous local sources and integer columns
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()), targets="label",
-                                          name=f"{Path(config.data).name}-seed{config.seed}")
+    frame = read_manifest(manifest).astype({"group": str})
+    with warnings.catch_warnings():  # MLflow registers two sources for local files ('' and file://) and says so
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways",
+                                UserWarning)
+        dataset = from_pandas(frame, source=manifest.resolve().as_uri(), targets="label",
+                              name=f"{Path(config.data).name}-seed{config.seed}")
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                      tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+
+
+def read_manifest(manifest: Path) -> pd.DataFrame:
+    """A split manifest as a frame, file names that are not UTF-8 with their odd bytes replaced."""
+    return pd.read_csv(manifest, encoding="utf-8", encoding_errors="replace")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,8 +365,9 @@ def model_signature(class_names: list[str]) -> ModelSignature:
 
 def example_image(run_dir: Path, data_root: str) -> bytes:
     """A training photo of the run, shrunk, as JPEG bytes: the model's input example."""
-    split = pd.read_csv(run_dir / "split.csv")
-    with Image.open(Path(data_root) / split[split["split"] == "train"]["path"].iloc[0]) as img:
+    with open(run_dir / "split.csv", newline="", **data.MANIFEST_ENCODING) as f:
+        path = next(row["path"] for row in csv.DictReader(f) if row["split"] == "train")
+    with Image.open(Path(data_root) / path) as img:
         img = img.convert("RGB")
         img.thumbnail((256, 256))
         out = tempfile.SpooledTemporaryFile()
@@ -279,13 +425,38 @@ def start_parent_run(output: str, experiment: str, study_path: str, name: str, p
     return run.info.run_id
 
 
-def finish_parent_run(run_id: str, files: list[Path], metrics: dict[str, float], finished: bool) -> None:
+NOTE_LENGTH = 8000  # MLflow's longest tag value
+
+
+def note_of(text: str, more: str = "report.md") -> str:
+    """A description MLflow keeps: text, or as much of it as fits, pointing at the rest."""
+    if len(text) <= NOTE_LENGTH:
+        return text
+    tail = f"\n\n… (the rest: {more} in the artifacts)"
+    return text[:NOTE_LENGTH - len(tail)].rsplit("\n", 1)[0] + tail
+
+
+def effect_metrics(rows: list[dict]) -> dict[str, float]:
+    """An effects table's rows (factor, a, b, mean: B - A in accuracy) as metrics effects/<factor>: B - A."""
+    def label(text) -> str:  # a slash would start another section
+        return valid_name(str(text).replace("/", " of "))
+
+    return {f"effects/{label(r['factor'])}: {label(r['b'])} - {label(r['a'])}"[:MAX_KEY]: float(r["mean"]) for r in rows}
+
+
+MAX_KEY = 250  # MLflow's longest metric name
+
+
+def finish_parent_run(run_id: str, files: list[Path], metrics: dict[str, float], finished: bool,
+                      note: str = "", tags: dict[str, str] | None = None) -> None:
     """The study's run ended, FINISHED or (trials unfinished: Ctrl-C) KILLED with its trials' runs the
-    interrupt left RUNNING."""
+    interrupt left RUNNING; note: its description (the study's report), tags: e.g. its best trial."""
     client = mlflow.MlflowClient()
     for path in files:
         client.log_artifact(run_id, str(path))
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    tags = {**(tags or {}), **({NOTE: note_of(note)} if note else {})}
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+                     tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
     end_children(run_id)
     client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
 

@@ -78,8 +78,8 @@ def curation_file(noisy_folder, records, tmp_path):
 
 
 def test_curation_applied_on_the_published_split(noisy_folder, curation_file, tmp_path):
-    plain = training.prepare_data(config_for(noisy_folder, tmp_path), tmp_path)
-    curated = training.prepare_data(config_for(noisy_folder, tmp_path, curation_file), tmp_path)
+    plain = training.prepare_data(config_for(noisy_folder, tmp_path))
+    curated = training.prepare_data(config_for(noisy_folder, tmp_path, curation_file))
     assert plain.curation is None and plain.published_test == []
     assert curated.curation == {"file": str(curation_file), "sha256": curated.curation["sha256"],
                                 "excluded": 1, "relabelled": 1}
@@ -142,7 +142,7 @@ def test_curated_run_reports_curation_and_published_test(noisy_folder, curation_
     result = training.run_experiment(config)
     metrics = json.loads((tmp_path / "runs" / config.run_name() / "metrics.json").read_text())
     assert metrics["curation"]["excluded"] == 1 and metrics["curation"]["relabelled"] == 1
-    plain = training.prepare_data(config_for(noisy_folder, tmp_path), tmp_path)
+    plain = training.prepare_data(config_for(noisy_folder, tmp_path))
     assert metrics["n_test_full"] == len(plain.records["test"])
     assert 0 <= metrics["test_full_accuracy"] <= 1 and 0 <= metrics["test_full_macro_f1"] <= 1
     assert result["test_full_accuracy"] == metrics["test_full_accuracy"]

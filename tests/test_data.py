@@ -112,9 +112,13 @@ def test_hash_split_keeps_every_photo_put_when_photos_are_added_or_removed(large
     moved = sum(old[r.sha256] != s for r, s in zip(grown, split) if r.sha256 in old)
     said = capsys.readouterr().err
     assert moved > 10 and f"4 images added, 1 removed; {moved} of the" in said and "--split-method hash" in said
-    # Every later run on these data says it again.
-    data.dataset_split(grown, 231, folder, larger_folder)
-    assert "4 images added, 1 removed" in capsys.readouterr().err
+    # Said once: later runs on these data say nothing; data back at the earlier version say it once more.
+    grown_manifest = data.dataset_split(grown, 231, folder, larger_folder)[1]
+    assert "changed since" not in capsys.readouterr().err
+    data.dataset_split(records, 231, folder, larger_folder)
+    assert f"changed since split manifest {grown_manifest}: 1 images added, 4 removed" in capsys.readouterr().err
+    data.dataset_split(records, 231, folder, larger_folder)
+    assert "changed since" not in capsys.readouterr().err
 
 
 def test_manifest_written_once_reused_and_checked(larger_folder, tmp_path):

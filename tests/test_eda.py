@@ -75,3 +75,12 @@ def test_eda_is_logged_to_mlflow(eda_folder, tmp_path, monkeypatch):
     assert run.data.metrics["imbalance_ratio"] == pytest.approx(11 / 6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.md", "stats.json", "unreadable.csv", "near_duplicates.csv", *FIGURES} <= artifacts
+
+
+def test_eda_logs_beside_its_report_not_in_the_working_folder(image_folder, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere, here = tmp_path / "elsewhere", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    eda.main(["--data", str(image_folder), "--output", str(elsewhere / "eda"), "--input-size", "32", "--no-audit"])
+    assert list(here.iterdir()) == [] and (elsewhere / "mlflow.db").exists()

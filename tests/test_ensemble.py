@@ -114,7 +114,7 @@ def test_the_ensemble_is_an_mlflow_run_naming_its_members_runs(tmp_path, monkeyp
     spec = ensemble_face.main([*map(str, runs), "--output", str(tmp_path / "runs" / "ens"), "--runs", str(tmp_path / "runs")])
     (logged,) = [r for r in client.search_runs([client.get_experiment_by_name("orestudy").experiment_id])
                  if r.info.run_name == "ensemble-ens"]
-    assert logged.data.metrics["test_accuracy"] == spec["test_accuracy"]
+    assert logged.data.metrics["test/accuracy"] == spec["test_accuracy"]
     assert logged.data.params["member_0_run"] == member_run.info.run_id and logged.data.params["member_1_run"] == "none"
     assert logged.data.tags["orestudy.members"] == member_run.info.run_id
     assert float(logged.data.params["member_0_weight"]) == spec["weights"][0]

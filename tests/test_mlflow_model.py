@@ -52,7 +52,7 @@ def test_run_has_source_resolved_params_single_values_and_dataset(logged):
     assert result["environment"]["torch"] == params["version_torch"]
     assert {"n_train", "n_test", "best_epoch", "wall_seconds"} <= set(params)
     assert not {"n_train", "best_epoch", "threads"} & set(metrics)
-    assert params["n_train"] == str(result["n_train"]) and metrics["best_val_accuracy"] == result["best_val_accuracy"]
+    assert params["n_train"] == str(result["n_train"]) and metrics["val/best_accuracy"] == result["best_val_accuracy"]
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.tags[0].value == "training" and "label" in dataset.dataset.schema
     assert json.loads(dataset.dataset.profile)["num_rows"] == sum(result[f"n_{s}"] for s in data.SPLITS)

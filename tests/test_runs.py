@@ -95,10 +95,10 @@ def test_an_interrupted_or_crashed_run_is_ended_and_resumes_in_its_mlflow_run(im
     (run,) = runs_of(tmp_path / "runs", "ended")  # one MLflow run throughout
     assert run.info.status == "FINISHED"
     client = store(tmp_path / "runs")
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1, 2]
     with pytest.raises(ValueError, match="has finished"):
         training.resumable(run_dir)
-    with pytest.raises(FileNotFoundError, match="last.pt not found"):
+    with pytest.raises(FileNotFoundError, match="config.json not found: .* is no run folder"):
         training.resumable(tmp_path)
     assert not (tmp_path / "mlruns").exists() and not (REPO_ROOT / "mlruns").exists()
 

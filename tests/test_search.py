@@ -134,9 +134,11 @@ def test_tiny_search_resumes_and_retrains(image_folder, tmp_path, monkeypatch, r
     status = {r.info.run_name: r.info.status for r in trial_runs}
     assert all(status[search_report.trial_name("tiny", t.number)] in ("FINISHED", "KILLED") for t in search_report.finished(found))
     assert "RUNNING" not in status.values()  # a trial Tune stopped (ASHA, time budget) ends its run as KILLED
-    assert not any(k.startswith("test_") for r in trial_runs for k in r.data.metrics)
-    assert all("test_accuracy" in r.data.metrics for r in retrain_runs)
-    assert parent.data.metrics["best_test_accuracy_mean"] == pytest.approx(summary["retrained"][
+    assert not any(k.startswith("test/") for r in trial_runs for k in r.data.metrics)
+    assert all("test/accuracy" in r.data.metrics for r in retrain_runs)
+    assert parent.data.tags["orestudy.best"] == best["trial"] and parent.data.metrics["best/val_accuracy"] == best["val_accuracy"]
+    assert parent.data.tags["mlflow.note.content"][:500] == (out / "tiny" / "report.md").read_text()[:500]
+    assert parent.data.metrics["best/test_accuracy_mean"] == pytest.approx(summary["retrained"][
         next(label for label in summary["retrained"] if label.startswith("best"))]["mean"])
     assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 

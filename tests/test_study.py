@@ -289,8 +289,13 @@ def test_study_is_a_parent_mlflow_run_with_a_child_per_trained_trial(tiny_result
     (parent,) = [r for r in runs if r.info.run_name == "tiny"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert [r.info.run_name for r in children if r.info.status == "FINISHED"] == ["mobilenet_v2_scratch_f0_e2_s1"]
-    assert all("test_accuracy" in r.data.metrics for r in children if r.info.status == "FINISHED")
-    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_ok"] == 1
+    assert all("test/accuracy" in r.data.metrics for r in children if r.info.status == "FINISHED")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/ok"] == 1
+    # The study's run names its best configuration, its score and the report, as its description.
+    (child,) = [r for r in children if r.info.status == "FINISHED"]
+    assert parent.data.metrics["best/test_accuracy"] == child.data.metrics["test/accuracy"]
+    assert parent.data.tags["orestudy.best"].startswith("mobilenet_v2 scratch")
+    assert parent.data.tags["mlflow.note.content"][:500] == (tmp / "runs" / "tiny" / "report" / "report.md").read_text()[:500]
     artifacts = {a.path for a in mlflow.MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}").list_artifacts(
         parent.info.run_id)}
     assert {"report.md", "tiny.csv", "learning_curves_mobilenet_v2.png"} <= artifacts
@@ -412,4 +417,4 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials_or_epochs(i
     assert all(r.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri()) for r in runs)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     for child in children:
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2, 3, 4]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/accuracy")] == [1, 2, 3, 4]

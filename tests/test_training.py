@@ -103,10 +103,24 @@ def test_tiny_run_logged_to_mlflow(image_folder, tmp_path, monkeypatch):
     exp = client.get_experiment_by_name("tiny")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.params["attention"] == "se" and run.data.params["reduction"] == "4"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(result["accuracy"])
-    assert run.data.metrics["test_answered_share"] == pytest.approx(result["test_answered_share"])
-    val_history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    # Metrics in sections MLflow groups (train/, val/, test/, ...), constants as params, a description;
+    # the experiment marked as model development, with a saved view of the runs and their scores.
+    assert run.data.metrics["test/accuracy"] == pytest.approx(result["accuracy"])
+    assert run.data.metrics["test/answered_share"] == pytest.approx(result["test_answered_share"])
+    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/best_accuracy", "val/unknown_threshold",
+            "test/macro_f1", "test_per_class/f1_azurite"} <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if "/" not in k]  # no flat name left over
+    assert not {"frozen", "epochs_run", "set_coverage"} & set(run.data.metrics)
+    assert run.data.params["epochs_run"] == "2"
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**Test accuracy {result['accuracy']:.4f}**") and "3 classes, 30 images" in note
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "metrics.`test/accuracy`" in json.loads(json.loads(exp.tags["mlflow.sharedViewState.orestudy"])["state"])[
+        "selectedColumns"]
+    val_history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in val_history] == [1, 2]
+    assert tracking.read_metric(run.data.metrics, "accuracy") == run.data.metrics["test/accuracy"]
+    assert [m.step for m in tracking.metric_history(client, run.info.run_id, "val_accuracy")] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "predictions.csv", "confusion_matrix.png", "learning_curves.png", "best.pt"} <= artifacts
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").unwrap_python_model()
@@ -238,3 +252,19 @@ def test_cross_validation_trains_every_fold_in_lockstep_and_never_tests(image_fo
         seen += list(predictions["sha256"])
     assert len(seen) == len(set(seen)) == len(split) - len(test_images)  # each non-test image validated once
     assert not set(seen) & test_images
+
+
+def test_the_epoch_progress_bar_shows_the_running_loss(capsys):
+    import time
+
+    model = torch.nn.Linear(4, 3)
+    batches = [(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])) for _ in range(3)]
+
+    def slow(inputs):  # slower than the bar's refresh interval
+        time.sleep(0.15)
+        return model(inputs)
+
+    loss, _ = training.train_one_epoch(slow, torch.optim.SGD(model.parameters(), lr=0.1), batches,
+                                       torch.device("cpu"), None, 3, "epoch 1/1", progress=True)
+    shown = capsys.readouterr().err
+    assert "epoch 1/1" in shown and "loss=" in shown

@@ -145,3 +145,16 @@ def test_a_cuda_device_without_cuda_is_one_line_naming_it(trained, tmp_path, cap
             face(argv)
         err = capsys.readouterr().err
         assert "CUDA is missing on this machine" in err and "checkpoint" not in err and "Traceback" not in err
+
+
+def test_val_logs_to_its_models_store_not_in_the_working_folder(trained, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder, run_dir = trained
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    val.main(["--model", str(run_dir), "--data", str(folder), "--output", str(tmp_path / "out")])
+    assert list(here.iterdir()) == []
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")  # where the run's own store is
+    (run,) = client.search_runs([client.get_experiment_by_name("orestudy-val").experiment_id])
+    assert run.data.tags["mlflow.runName"] == "val-out"

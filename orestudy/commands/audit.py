@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--curation", default="", metavar="FILE", help="audit the data after this curation file")
     parser.add_argument("--cache", default=str(config.DEFAULT_CACHE), help="feature cache folder; '': memory only")
     parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True, help="log the audit as an MLflow run")
-    parser.add_argument("--runs", default="runs", help="the runs folder, whose MLflow store (RUNS/mlflow.db) the "
-                                                       "audit is logged to, unless MLFLOW_TRACKING_URI is set")
+    parser.add_argument("--runs", help="folder whose mlflow.db the audit is logged to, unless MLFLOW_TRACKING_URI "
+                                       "is set (default: the folder holding --output, runs for runs/audit)")
     parser.add_argument("--experiment", default="orestudy-eda", help="MLflow experiment")
     args = parser.parse_args(argv)
+    args.runs = args.runs or str(args.output.resolve().parent)  # beside the audit, not in the working folder
     if args.folds < 2 or args.top < 1:
         parser.error("--folds must be >= 2 and --top >= 1")
     from ..analysis import label_audit  # torch, cleanlab and mlflow load only when an audit runs

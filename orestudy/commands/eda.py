@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", default=str(config.DEFAULT_CACHE), help="the audit's feature cache; '': none")
     parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
                         help="log the report as an MLflow run")
-    parser.add_argument("--runs", default="runs", help="the runs folder, whose MLflow store (RUNS/mlflow.db) the "
-                                                       "report is logged to, unless MLFLOW_TRACKING_URI is set")
+    parser.add_argument("--runs", help="folder whose mlflow.db the report is logged to, unless MLFLOW_TRACKING_URI "
+                                       "is set (default: the folder holding --output, runs for runs/eda)")
     parser.add_argument("--experiment", default="orestudy-eda", help="MLflow experiment")
     args = parser.parse_args(argv)
+    args.runs = args.runs or str(args.output.resolve().parent)  # beside the report, not in the working folder
     from .. import tracking
     from ..analysis.exploration import CHANNELS, run_eda
 

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
             return run_search(space, settings, options)
     except (FileExistsError, FileNotFoundError, SearchSpaceError, ValueError) as err:
         p.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:  # its MLflow runs ended KILLED; Ray stopped
+        p.exit(130, f"{p.prog}: interrupted: the same command with --resume continues the search, re-running "
+                    f"the trials it cut short first\n")
 
 
 if __name__ == "__main__":

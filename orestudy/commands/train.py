@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from . import cli
 from ..config import STUDY, WHERE, TrainConfig, grid_row, read_recipe
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--resume takes the run's configuration from its config.json: drop "
                      f"{', '.join(cli.option_name(parser, k) for k in sorted(set(changed) - set(RESUME_OPTIONS)))}")
     config, state = config_from(parser, args), None
-    from .. import data  # torch loads only when a run starts
+    from .. import data, models  # torch loads only when a run starts
     from ..run import reports, training
 
     if args.resume:
@@ -76,16 +77,36 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(str(err))
     try:
         result = training.run_experiment(config, resume=state)
-    except training.RunFolderExists as err:
-        parser.error(str(err))
-    except data.DataError as err:  # the data set as it stands cannot be trained on: one line, no traceback
+    # A name taken, the data set as it stands, a backbone or configuration that cannot run, a loss gone
+    # NaN: one line, no traceback (the MLflow run, if one began, ended FAILED).
+    except (training.RunFolderExists, data.DataError, models.UnknownBackbone, models.WeightsUnavailable,
+            training.ConfigError, FloatingPointError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except training.Interrupted as stop:
+        parser.exit(130, f"{parser.prog}: interrupted after epoch {stop.epoch}: " + (
+            f"`orestudy train --resume {stop.run_dir}` continues it\n" if stop.run_dir else
+            "a cross-validation's folds continue only as a study's trial (orestudy search --folds)\n"))
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted before the run began: no run folder was made\n")
     if "per_class" in result:  # a run that did not evaluate the test split has none
         print(f"test split of {result['run_dir']}:\n{reports.per_class_table(result)}")
     print(json.dumps({k: result[k] for k in ("accuracy", "macro_f1", "best_epoch", "best_val_accuracy",
                                              "fold_best_val_accuracy", "wall_seconds", "run_dir") if k in result},
                      indent=2))
+    print(next_steps(result), file=sys.stderr)
     return result
+
+
+def next_steps(result: dict) -> str:
+    """Where the run is, and the commands that use it next."""
+    lines = [f"run folder: {result['run_dir']}"]
+    if result.get("mlflow_run"):
+        lines[0] += f" (MLflow run {result['mlflow_run']})"
+    if "folds" not in result:
+        lines.append(f"next: orestudy predict --model {result['run_dir']} PHOTO_OR_FOLDER ...")
+    if result.get("mlflow_uri"):
+        lines.append(f"      mlflow ui --backend-store-uri {result['mlflow_uri']}   # then {result['mlflow_url']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,16 @@ def default_output(model: str, data: Path) -> Path:
     return Path("runs/val") / f"{name}-{data.resolve().name}"
 
 
+def default_runs(model: str) -> str:
+    """The MLflow store a validation goes to: the one train put beside the model's run folder (which holds
+    best.pt), wherever val is started; ./runs for an MLflow URI, which it resolves."""
+    if model.startswith(("runs:/", "models:/")):
+        return "runs"
+    path = Path(model).resolve()
+    run_dir = path.parent if path.suffix == ".pt" else path
+    return str(run_dir.parent)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = cli.ArgumentParser(prog=cli.prog("val"), description=__doc__)
     p.add_argument("--model", required=True, metavar="RUN_OR_CHECKPOINT",
@@ -40,12 +50,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with native bf16")
     p.add_argument("--threads", type=int, default=0, help="0: all cores this process may use")
     p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True, help="log the result as an MLflow run")
-    p.add_argument("--runs", default="runs", help="the runs folder, whose MLflow store (RUNS/mlflow.db) resolves "
-                                                  "MLflow URIs and receives the run, unless MLFLOW_TRACKING_URI is set")
+    p.add_argument("--runs", help="folder whose mlflow.db resolves MLflow URIs and receives the run, unless "
+                                  "MLFLOW_TRACKING_URI is set (default: runs for an MLflow URI; else the store of "
+                                  "the model's run, the folder holding its run folder)")
     p.add_argument("--experiment", default="orestudy-val", help="MLflow experiment")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    args.runs = args.runs or default_runs(args.model)
     from .. import device as devices  # torch loads only when a validation runs
     from ..run import reports, validation
 

@@ -154,14 +154,14 @@ def manifest_name(root: Path, records, seed: int, method: str, curation: Curatio
 
 
 def split_changes(records: list[ImageRecord], split: list[str], manifest: Path, root: Path, seed: int,
-                  method: str) -> str:
+                  method: str, since: float | None = None) -> str:
     """What changed since the newest manifest of an earlier version of this data folder (same folder
     name, method and seed, other content): photos added and removed, and photos present in both whose
-    split changed ('' when there is no earlier version)."""
+    split changed ('' when there is no earlier version, or, with since, none written after that time)."""
     pattern = re.compile(rf"{re.escape(Path(root).name)}-[0-9a-f]{{10}}{'' if method == 'shuffle' else '-' + method}"
                          rf"-seed{seed}\.csv")
     earlier = [p for p in manifest.parent.glob(f"{Path(root).name}-*seed{seed}.csv")
-               if pattern.fullmatch(p.name) and p.name != manifest.name]
+               if pattern.fullmatch(p.name) and p.name != manifest.name and (since is None or p.stat().st_mtime > since)]
     if not earlier:
         return ""
     previous = max(earlier, key=lambda p: p.stat().st_mtime)
@@ -205,10 +205,15 @@ def dataset_split(records: list[ImageRecord], seed: int, folder: Path, root: Pat
     the published data's split, so curated and published runs of a seed test on the same photos (less
     the excluded) and compare image by image; its own manifest records the curation."""
     manifest = folder / manifest_name(root, records, seed, method)
+    existed = manifest.exists()
     split = load_or_make_split(records, seed, manifest, root, method)
-    changes = split_changes(records, split, manifest, root, seed, method)
+    # Said once per change: when this version's manifest is made, or when the data are back at a version
+    # whose manifest is older than another's (which it then becomes newer than).
+    changes = split_changes(records, split, manifest, root, seed, method, manifest.stat().st_mtime if existed else None)
     if changes:
         warn(changes)
+        if existed:
+            os.utime(manifest)
     if curation is None:
         return split, manifest
     curated = folder / manifest_name(root, records, seed, method, curation)

@@ -86,29 +86,42 @@ class Prepared:
     manifest: Path
     curation: dict | None = None  # data.Curation.summary() of a curated run
     published_test: list = field(default_factory=list)  # a curated run's test split before curation
+    fold_rows: tuple | None = None  # a cross-validation fold's manifest (records, split, root, curation)
+
+    def write_split(self, run_dir: Path) -> None:
+        """The run's split.csv: a copy of the shared manifest, or its fold's own."""
+        if self.fold_rows is not None:
+            data.write_manifest(run_dir / "split.csv", *self.fold_rows)
+        else:
+            (run_dir / "split.csv").write_bytes(self.manifest.read_bytes())
 
 
-def prepare_data(config: TrainConfig, run_dir: Path, progress: bool = False) -> Prepared:
+def prepare_data(config: TrainConfig, progress: bool = False) -> Prepared:
+    """The data as the run uses it; writes nothing in a run folder (Prepared.write_split does), so a data
+    set that cannot be trained on (data.DataError) is refused before a run folder is made."""
     root = Path(config.data)
     records, bad = data.scan_cached(str(root), progress, config.cache)
     for b in bad:
         print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
+    found = sorted({r.label for r in records})
+    if len(found) < 2:  # it would "test" at accuracy 1.0
+        raise data.DataError(f"{root} has one class ({found[0]}): a classifier needs photos of two or more "
+                             f"classes, one sub-folder each")
     curation = data.read_curation(config.curation, records, root) if config.curation else None
     # One manifest per (data set, seed) is shared by every run; each run keeps a copy beside it.
     split, shared = data.dataset_split(records, config.seed, Path(config.output) / "splits", root, curation,
                                        config.split_method)
+    fold_rows = None
     if config.folds > 1:  # cross-validation: this run's fold of the non-test images validates
         split = data.fold_split(records, split, config.folds, config.fold, config.seed)
-        data.write_manifest(run_dir / "split.csv", records, split, root, curation)
-    else:
-        (run_dir / "split.csv").write_bytes(shared.read_bytes())
+        fold_rows = (records, split, root, curation)
     class_names = sorted({r.label for r in records})
     published = {s: [r for r, p in zip(records, split) if p == s] for s in data.SPLITS}
     by_split = {s: data.apply_curation(recs, curation) for s, recs in published.items()}
     labels = {s: [class_names.index(r.label) for r in recs] for s, recs in by_split.items()}
     if curation is None:
-        return Prepared(class_names, by_split, labels, bad, shared)
-    return Prepared(class_names, by_split, labels, bad, shared, curation.summary(), published["test"])
+        return Prepared(class_names, by_split, labels, bad, shared, fold_rows=fold_rows)
+    return Prepared(class_names, by_split, labels, bad, shared, curation.summary(), published["test"], fold_rows)
 
 
 @dataclass
@@ -155,6 +168,28 @@ class RunFolderExists(FileExistsError):
     pass
 
 
+class ConfigError(ValueError):
+    """A configuration the model cannot run (found once the model is built), refused before a run folder is made."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: where it stopped, and so how to continue it (train --resume run_dir; None for a
+    cross-validation, whose folds' runs continue only inside a study)."""
+
+    def __init__(self, run_dir: Path | None, epoch: int):
+        super().__init__(f"interrupted after epoch {epoch}")
+        self.run_dir, self.epoch = run_dir, epoch
+
+
+def unfinished_hint(folder: Path) -> str:
+    """How a run folder another run would take continues, if it is an unfinished run's."""
+    if (folder / "metrics.json").exists() or not (folder / "config.json").exists():
+        return ""
+    if (folder / LAST).exists():
+        return f"; it is an unfinished run: `orestudy train --resume {folder}` continues it"
+    return f"; its run finished no epoch: `orestudy train --resume {folder}` restarts it"
+
+
 def claim_run_dir(config: TrainConfig) -> Path:
     """A run folder no other run writes to, made atomically, so two identical runs started at once get
     one each: output/run_name(), or while that exists the first free of run_name()-2, -3, ... (as
@@ -172,26 +207,22 @@ def claim_run_dir(config: TrainConfig) -> Path:
             return folder
         except FileExistsError:
             if config.name:
-                raise RunFolderExists(f"run folder {folder} already exists (--exist-ok reuses it)") from None
+                raise RunFolderExists(f"run folder {folder} already exists (--exist-ok reuses it)"
+                                      + unfinished_hint(folder)) from None
             folder = output / f"{config.run_name()}-{n}"
 
 
 def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
-    """The run, in run_dir (a resumed run's folder) or in a new folder of its own."""
+    """The run, in run_dir (a resumed run's folder) or in a new folder of its own, made only once the data
+    and the model are known to be trainable (a refused run leaves no folder behind)."""
     threads = devices.set_threads(config.threads)
     device = devices.pick_device(config.device)
     dtype = devices.pick_precision(config.precision, device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    if run_dir is None:
-        run_dir = claim_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # The config, and the versions and commit it ran with (metrics.json and MLflow repeat them).
-    files.write_json_atomic(run_dir / "config.json", {**asdict(config), "environment": environment.versions()},
-                           indent=2)
     progress = config.progress and sys.stderr.isatty()
 
-    prep = prepare_data(config, run_dir, progress)
+    prep = prepare_data(config, progress)
     spec = models.backbone_spec(config.backbone)
     size = config.image_size or spec.input_size
     if config.normalization == "train":
@@ -202,7 +233,14 @@ def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
                                 config.reduction, config.dropout).to(device)
     model = model.to(memory_format=torch.channels_last)
     if not -model.depth < config.freeze_depth <= model.depth:
-        raise ValueError(f"freeze_depth {config.freeze_depth}: {config.backbone} has {model.depth} modules to freeze")
+        raise ConfigError(f"freeze_depth {config.freeze_depth}: {config.backbone} has {model.depth} modules to freeze")
+    if run_dir is None:
+        run_dir = claim_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The config, and the versions and commit it ran with (metrics.json and MLflow repeat them).
+    files.write_json_atomic(run_dir / "config.json", {**asdict(config), "environment": environment.versions()},
+                           indent=2)
+    prep.write_split(run_dir)
     optimizer = make_optimizer(model, config, device)
     s = config.aug_strength
 
@@ -444,39 +482,78 @@ def resumed_dir(config: TrainConfig, state: dict | None) -> Path | None:
     return Path(state["run_dir"]) if "run_dir" in state else None
 
 
+def describe(run: Run) -> list[str]:
+    """What a run trains on and with: the opening lines it prints, and its MLflow description."""
+    config, prep = run.config, run.prep
+    n = {s: len(prep.records[s]) for s in data.SPLITS}
+    samples = f" ({len(run.train_samples)} samples an epoch)" if len(run.train_samples) != n["train"] else ""
+    folds = f", fold {config.fold + 1} of {config.folds}" if config.folds > 1 else ""
+    return [f"data {config.data}: {len(prep.class_names)} classes, {sum(n.values())} images"
+            f"{f' ({len(prep.bad_files)} unreadable, left out)' if prep.bad_files else ''}"
+            f"{', curated by ' + config.curation if config.curation else ''}; split by {config.split_method}, "
+            f"seed {config.seed}{folds}: {n['train']} train{samples} / {n['val']} val / {n['test']} test",
+            f"{config.backbone}, {config.regime}, attention {config.attention}, backbone frozen for "
+            f"{min(config.freeze_epochs, config.epochs)} of {config.epochs} epochs; on {run.device}, "
+            f"{'fp32' if run.dtype is None else str(run.dtype).removeprefix('torch.') + ' autocast'}, "
+            f"{run.threads} threads"]
+
+
+def opening(run: Run, tracker) -> None:
+    """The run's first lines: its data, what it trains, and where its folder and MLflow run are."""
+    for line in describe(run):
+        run.log(line)
+    where = f"run folder {run.run_dir}"
+    if tracker.run_id:
+        where += f"; MLflow run {tracker.run_id} in {tracker.uri}, experiment {run.config.experiment}"
+    run.log(where)
+
+
 def run_experiment(config: TrainConfig, report: Callable[[dict, dict], None] | None = None,
                    resume: dict | None = None) -> dict:
     """Train one configuration and test its best-validation checkpoint once. report(epoch_metrics,
     state) is called after every epoch (Ray Tune's hook); resume takes such a state and continues, in
-    the run's folder and MLflow run. A run that raises ends its MLflow run FAILED, or KILLED (Ctrl-C).
-    A cross-validated config (folds > 1, fold -1) is cross_validate's."""
+    the run's folder and MLflow run (a state without weights, from resumable, restarts the run in its
+    folder). A run that raises ends its MLflow run FAILED, or KILLED (Ctrl-C, raised as Interrupted,
+    which says where the run stopped). A cross-validated config (folds > 1, fold -1) is cross_validate's."""
     from .. import tracking  # mlflow loads only when a run starts
 
     if len(config.fold_configs()) > 1:
         return cross_validate(config, report, resume)
     run = build_run(config, resumed_dir(config, resume))
-    progress = restore(run, resume) if resume is not None else Progress()
-    with tracking.Tracker.start(config, run.run_dir, progress.history, progress.mlflow_run) as tracker:
-        progress.mlflow_run = tracker.run_id
-        result = finish(run, fit(run, progress, tracker, report), tracker)
+    progress = restore(run, resume) if resume is not None and "model" in resume else Progress()
+    if resume is not None and "model" not in resume:
+        run.log("restarting the run in its folder: it finished no epoch")
+    try:
+        with tracking.Tracker.start(config, run.run_dir, progress.history, progress.mlflow_run,
+                                    "\n\n".join(describe(run) + [f"Run folder: `{run.run_dir}`"])) as tracker:
+            progress.mlflow_run = tracker.run_id
+            opening(run, tracker)
+            result = finish(run, fit(run, progress, tracker, report), tracker)
+    except KeyboardInterrupt as stop:
+        raise Interrupted(run.run_dir, progress.epoch) from stop
     (run.run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
-    return result
+    return {**result, "mlflow_run": tracker.run_id or "", "mlflow_uri": tracker.uri,
+            "mlflow_url": tracking.view_url(tracker.experiment_id, tracker.run_id) if tracker.run_id else ""}
 
 
 def resumable(run_dir: str | Path, **where) -> tuple[TrainConfig, dict]:
     """The config (its config.json; where: fields of where and how it runs now, e.g. threads) and the
     training state (its last.pt) that continue the interrupted run in run_dir after its last finished
-    epoch: run_experiment(*resumable(run_dir)) finishes it in its folder and MLflow run."""
+    epoch: run_experiment(*resumable(run_dir)) finishes it in its folder and MLflow run. A run that
+    finished no epoch (killed before its first ended) has no last.pt: its state restarts it in its folder
+    (its stale MLflow run is ended KILLED and a new one begins)."""
     run_dir = Path(run_dir).resolve()
     if (run_dir / "metrics.json").exists():
         raise ValueError(f"{run_dir} has finished (it has metrics.json): nothing to resume")
-    if not (run_dir / LAST).exists():
-        raise FileNotFoundError(f"{run_dir / LAST} not found: the run finished no epoch, or is no run folder")
     saved = run_dir / "config.json"
+    if not saved.exists():
+        raise FileNotFoundError(f"{saved} not found: {run_dir} is no run folder")
     # Its MLflow store and split manifests are beside it, wherever this is started from.
     saved_config = {k: v for k, v in json.loads(saved.read_text()).items() if k != "environment"}
     config = TrainConfig.from_dict({**complete(saved_config), **where, "output": str(run_dir.parent)},
                                    source=str(saved))
+    if not (run_dir / LAST).exists():
+        return config, {"run_name": config.run_name(), "run_dir": str(run_dir), "epoch": 0}
     return config, {**torch.load(run_dir / LAST, map_location="cpu"), "run_dir": str(run_dir)}
 
 
@@ -492,11 +569,14 @@ def cross_validate(config: TrainConfig, report: Callable[[dict, dict], None] | N
     runs = [build_run(c, resumed_dir(c, state)) for c, state in zip(folds, states)]
     progresses = [Progress() if state is None else restore(run, state) for run, state in zip(runs, states)]
     with contextlib.ExitStack() as stack:  # each fold's MLflow run ends FAILED or KILLED if this raises
-        trackers = [stack.enter_context(tracking.Tracker.start(run.config, run.run_dir, p.history, p.mlflow_run))
-                    for run, p in zip(runs, progresses)]
-        for p, tracker in zip(progresses, trackers):
-            p.mlflow_run = tracker.run_id
-        results = lockstep(config, runs, progresses, trackers, report)
+        try:
+            trackers = [stack.enter_context(tracking.Tracker.start(run.config, run.run_dir, p.history, p.mlflow_run))
+                        for run, p in zip(runs, progresses)]
+            for p, tracker in zip(progresses, trackers):
+                p.mlflow_run = tracker.run_id
+            results = lockstep(config, runs, progresses, trackers, report)
+        except KeyboardInterrupt as stop:
+            raise Interrupted(None, progresses[0].epoch) from stop
     fold_best = [r["best_val_accuracy"] for r in results]
     return {"folds": results, "fold_best_val_accuracy": fold_best, "best_val_accuracy": float(np.mean(fold_best)),
             "best_epoch": int(np.median([r["best_epoch"] for r in results])),

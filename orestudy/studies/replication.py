@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 from ray import tune
 
-from . import grid as grids, grid_report, study
+from . import effects, grid as grids, grid_report, study
 from .. import tracking
 from ..config import ReplicationSettings
 
@@ -38,6 +40,26 @@ def default_name(selection: Selection, grid: dict, epochs: int, seeds: list[int]
     return "_".join(parts + ["s" + "-".join(map(str, seeds))])
 
 
+def parent_summary(trials: list[study.Trial], effects_csv: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """The study's MLflow run's metrics and tags: its trials by how they ended (trials/<status>), its best
+    configuration by mean test accuracy over its seeds (best/; its label as the tag orestudy.best) and its
+    effects table (effects/<factor>: B - A, in accuracy)."""
+    statuses = [t.status.split(":")[0] for t in trials]
+    metrics = {f"trials/{s}": statuses.count(s) for s in set(statuses)}
+    tags = {}
+    cells = effects.group([t for t in trials if t.status == "ok" and "accuracy" in t.metrics])
+    if cells:
+        best = max(cells.values(), key=lambda ts: np.mean([t.metrics["accuracy"] for t in ts]))
+        metrics.update({"best/test_accuracy": np.mean([t.metrics["accuracy"] for t in best]),
+                        "best/test_macro_f1": np.mean([t.metrics.get("macro_f1", np.nan) for t in best]),
+                        "best/seeds": len(best)})
+        tags["orestudy.best"] = effects.cell_label(best[0].config)
+    if effects_csv.exists() and effects_csv.stat().st_size > 1:
+        rows = pd.read_csv(effects_csv).to_dict("records")
+        metrics.update(tracking.effect_metrics([r for r in rows if pd.notna(r.get("mean"))]))
+    return {k: float(v) for k, v in metrics.items() if not np.isnan(v)}, tags
+
+
 def replicate(selection: Selection, settings: study.StudySettings) -> int:
     """Run (or continue: selection.resume, or only report: selection.report_only) the study; 0 when
     every trial has an outcome, 1 when some are unfinished (run the same command with --resume). Bad
@@ -57,7 +79,7 @@ def replicate(selection: Selection, settings: study.StudySettings) -> int:
               "mlflow": settings.mlflow, "device": settings.device, "curation": settings.curation}
     configs = grids.trial_configs(grid, cells, seeds, shared)
     earlier = study.read_records(*reuse)
-    dataset = study.dataset_of(settings, progress=True)
+    dataset = study.dataset_of(settings, progress=sys.stderr.isatty())
     configs, reused = study.reusable(configs, earlier, dataset)
     print(f"[study] {settings.name}: {len(cells)} cells, {len(configs) + len(reused)} trials"
           + (f" ({len(reused)} from {', '.join(reuse)})" if reused else "") + f" -> {settings.path}", flush=True)
@@ -87,9 +109,9 @@ def replicate(selection: Selection, settings: study.StudySettings) -> int:
     files = report(trials)
     unfinished = sum(t.status == study.UNFINISHED for t in trials)
     if parent:
-        statuses = [t.status.split(":")[0] for t in trials]
-        tracking.finish_parent_run(parent, files, {f"trials_{s}": statuses.count(s) for s in set(statuses)},
-                                   finished=not unfinished)
+        metrics, tags = parent_summary(trials, folder / "effects.csv")
+        tracking.finish_parent_run(parent, files, metrics, finished=not unfinished,
+                                   note=(folder / "report.md").read_text(), tags=tags)
     if unfinished:
         print(f"[study] {unfinished} trials unfinished: run the same command with --resume to continue",
               file=sys.stderr)

@@ -220,17 +220,23 @@ def retrain_picks(found: optuna.Study, space: SearchSpace, settings: study.Study
     return retrained
 
 
-def log_search(parent: str, summary: dict, files: list[Path], space: SearchSpace) -> None:
-    metrics = {"trials_complete": summary["trials"]["complete"], "trials_pruned": summary["trials"]["pruned"],
-               "search_seconds": summary["search_seconds"]}
+def log_search(parent: str, summary: dict, files: list[Path], space: SearchSpace, report: Path) -> None:
+    """The search's MLflow run: its trials (trials/), its best trial (best/: validation, and the test
+    accuracy of its retraining over the seeds; the trial as the tag orestudy.best), the baseline's
+    retraining (baseline/), the best-vs-baseline effect (effects/), the report as its description."""
+    metrics = {"trials/complete": summary["trials"]["complete"], "trials/pruned": summary["trials"]["pruned"],
+               "trials/failed": summary["trials"]["failed"], "search/seconds": summary["search_seconds"]}
+    tags = {}
     if summary["best"]:
-        metrics["best_val_accuracy"] = summary["best"]["val_accuracy"]
+        metrics["best/val_accuracy"] = summary["best"]["val_accuracy"]
+        tags["orestudy.best"] = summary["best"]["trial"]
     for label, s in summary["retrained"].items():
         if s:
             key = label.split()[0]
-            metrics.update({f"{key}_test_accuracy_mean": s["mean"], f"{key}_test_accuracy_std": s["std"]})
+            metrics.update({f"{key}/test_accuracy_mean": s["mean"], f"{key}/test_accuracy_std": s["std"]})
+    metrics.update(tracking.effect_metrics(summary["best_vs_baseline"]))
     tracking.finish_parent_run(parent, [*files, space.path], {k: v for k, v in metrics.items() if not math.isnan(v)},
-                               finished=True)
+                               finished=True, note=report.read_text(), tags=tags)
 
 
 def run_search(space: SearchSpace, settings: study.StudySettings, options: SearchSettings) -> dict:
@@ -253,11 +259,12 @@ def run_search(space: SearchSpace, settings: study.StudySettings, options: Searc
                "device": settings.device, "output": str(folder),
                "mlflow": settings.mlflow, "experiment": settings.experiment, "parent_run": parent}
     trial_fields = {"folds": space.folds} if space.folds > 1 else {}  # fold -1: every fold, in lockstep
-    search_session(found, storage, space, settings, options,
-                   {**space.fixed, "epochs": space.epochs, **trial_fields, **runtime})
-    retrained = retrain_picks(found, space, settings, options, runtime)
-    summary, files = search_report.write_report(found, space, settings.name, folder, retrained)
-    if parent:
-        log_search(parent, summary, files, space)
+    with tracking.ended_on_error(parent):  # Ctrl-C ends the search's run and its trials' KILLED
+        search_session(found, storage, space, settings, options,
+                       {**space.fixed, "epochs": space.epochs, **trial_fields, **runtime})
+        retrained = retrain_picks(found, space, settings, options, runtime)
+        summary, files = search_report.write_report(found, space, settings.name, folder, retrained)
+        if parent:
+            log_search(parent, summary, files, space, folder / "report.md")
     print(f"[search] report: {folder / 'report.md'}", flush=True)
     return summary

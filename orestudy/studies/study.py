@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ray
 import torch
 from ray import tune
+from ray.tune.progress_reporter import ProgressReporter
 
 from .. import data, models, tracking
 from ..config import StudySettings, TrainConfig, compact, complete, computation, is_ensemble
@@ -41,12 +44,26 @@ def connect(address: str | None = None) -> bool:
     False when Ray was already initialised (and is left to whoever did it)."""
     if ray.is_initialized():
         return False
+    quiet_tune()
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
+        ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
     return True
+
+
+def quiet_tune() -> None:
+    """Ray's and Tune's output as orestudy's studies want it, set where the user has not set it: Tune's
+    classic progress reporter (StudyProgress; the newer one prints every trial's whole config and
+    results), no warning that trials checkpoint often (every epoch, by design), none that the
+    TensorBoard logger skips a trial's lists (class names, per-image outcomes: orestudy tracks in
+    MLflow), and none that a local cluster uses token authentication (Ray's default)."""
+    for key, value in (("RAY_AIR_NEW_OUTPUT", "0"), ("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")):
+        os.environ.setdefault(key, value)
+    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
+    # The notice that a local cluster uses token authentication, Ray's default (RAY_AUTH_MODE decides it)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
@@ -95,6 +112,8 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
     never retried). A search trial (evaluate_test off) ends with its last epoch's report."""
     if tracking_uri:  # the driver's store, wherever this trial runs
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" every epoch
+        logging.getLogger(name).setLevel(logging.WARNING)
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 0)
     # A trial's run folder is its own: a retry, or the trial in a resumed study, takes it over.
     config = TrainConfig.from_dict({**params["config"], "threads": int(cpus), "progress": False, "exist_ok": True})
@@ -138,6 +157,54 @@ def trial_dirname(trial) -> str:
     return f"{run_name(trial)}_{trial.trial_id}"
 
 
+class StudyProgress(ProgressReporter):
+    """Tune's progress in orestudy's terms: a line whenever trials start or end (how many are running,
+    pending, finished and failed, and which run), and a table of the trials with their epoch and
+    validation and test accuracy every `every` seconds and at the end."""
+
+    COLUMNS = (("epoch", "epoch", "{:.0f}"), ("val_accuracy", "val acc", "{:.3f}"),
+               (METRIC, "best val acc", "{:.3f}"), ("accuracy", "test acc", "{:.4f}"))
+
+    def __init__(self, every: float = 900.0):
+        self.every, self.start, self.last_table, self.last_counts = every, time.time(), time.time(), None
+
+    def setup(self, start_time=None, total_samples=None, metric=None, mode=None, **kwargs):
+        self.start = self.last_table = start_time or time.time()
+
+    def should_report(self, trials, done: bool = False) -> bool:
+        return done or self.counts(trials) != self.last_counts or time.time() - self.last_table > self.every
+
+    @staticmethod
+    def counts(trials) -> dict[str, int]:
+        states = [t.status for t in trials]
+        return {"running": states.count("RUNNING"), "pending": states.count("PENDING"),
+                "finished": states.count("TERMINATED"), "failed": states.count("ERROR")}
+
+    def report(self, trials, done: bool, *sys_info: str) -> None:
+        counts = self.counts(trials)
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - self.start))
+        if counts != self.last_counts:
+            running = [run_name(t) for t in trials if t.status == "RUNNING"]
+            print(f"[study] {elapsed} {len(trials)} trials: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+                  + (f" (running {', '.join(running)})" if running else ""), flush=True)
+            self.last_counts = counts
+        if done or time.time() - self.last_table > self.every:
+            print(self.table(trials), flush=True)
+            self.last_table = time.time()
+
+    def table(self, trials) -> str:
+        """A row per trial: its name, status and the last value it reported of each column."""
+        def last(trial, key, form):
+            value = (trial.metric_analysis.get(key) or {}).get("last")
+            return form.format(value) if isinstance(value, (int, float)) else ""
+
+        rows = [[run_name(t), t.status.lower()] + [last(t, key, form) for key, _, form in self.COLUMNS] for t in trials]
+        header = ["trial", "status"] + [title for _, title, _ in self.COLUMNS]
+        widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+        return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+                         for row in [header] + rows)
+
+
 class TrialLog(tune.Callback):
     """One line per trial as it ends, for people (and tests) following a long study."""
 
@@ -178,13 +245,16 @@ def trainable(settings: StudySettings):
 def tuner(settings: StudySettings, param_space: dict, name: str, storage_path: str, callbacks: list,
           **tune_config) -> tune.Tuner:
     """The one Tuner of every study: trials named after their run, one checkpoint kept (the last epoch's
-    state, or the finished run's folder), max_failures retries; tune_config adds a searcher, a
-    scheduler, a metric and a trial count where a search wants them."""
+    state, or the finished run's folder), max_failures retries, Ray's output as quiet_tune sets it and
+    Tune's progress as StudyProgress prints it; tune_config adds a searcher, a scheduler, a
+    metric and a trial count where a search wants them."""
+    quiet_tune()
     return tune.Tuner(
         trainable(settings), param_space=param_space,
         tune_config=tune.TuneConfig(trial_name_creator=run_name, trial_dirname_creator=trial_dirname, **tune_config),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks, verbose=1,
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            verbose=1, progress_reporter=StudyProgress(),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
