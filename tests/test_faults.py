@@ -100,7 +100,7 @@ def test_refused_runs_say_one_line_and_leave_no_run_folder(tmp_path, capsys):
     output = tmp_path / "out"
     for what, argv, words in refusals(tmp_path, output):
         with pytest.raises(SystemExit) as stop:
-            train_face.main([*argv, *TINY, "--output", str(output), "--name", "mine", "--no-mlflow",
+            train_face.main([*argv, *TINY, "--runs", str(output), "--name", "mine", "--no-mlflow",
                              "--cache", str(tmp_path / "cache")])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and words in err, what
@@ -113,7 +113,7 @@ def test_a_nan_loss_is_one_line_and_its_mlflow_run_failed(tmp_path, capsys, monk
     loss_of = training.loss_of
     monkeypatch.setattr(training, "loss_of", lambda *args: (loss_of(*args)[0] * float("nan"), loss_of(*args)[1]))
     with pytest.raises(SystemExit) as stop:
-        train_face.main(["--data", str(folder), *TINY, "--output", str(tmp_path / "runs"), "--cache", ""])
+        train_face.main(["--data", str(folder), *TINY, "--runs", str(tmp_path / "runs"), "--cache", ""])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and "training loss is nan" in err[-1] and "Traceback" not in "".join(err)
     assert [r.info.status for r in runs_in(tmp_path / "runs")] == ["FAILED"]
@@ -121,7 +121,7 @@ def test_a_nan_loss_is_one_line_and_its_mlflow_run_failed(tmp_path, capsys, monk
 
 def test_ctrl_c_says_how_to_resume_and_resume_finishes_the_run(tmp_path, capsys, monkeypatch, no_tracking_uri):
     folder = png_folder(tmp_path / "minerals")
-    argv = ["--data", str(folder), *TINY, "--epochs", "2", "--output", str(tmp_path / "runs"), "--cache", "",
+    argv = ["--data", str(folder), *TINY, "--epochs", "2", "--runs", str(tmp_path / "runs"), "--cache", "",
             "--name", "stopped"]
     fit_step = training.fit_step
 
