@@ -117,11 +117,16 @@ class Novelty:
 
         self.bank = l2_normalised(self.bank)
         self.k = min(self.k, len(self.bank))
-        self.index = NearestNeighbors(n_neighbors=max(self.k, 3)).fit(self.bank)
+        # exact (brute force): a few hundred training photos, and trees do no good in 1280 dimensions
+        self.index = NearestNeighbors(n_neighbors=max(self.k, 3), algorithm="brute").fit(self.bank)
+        self._threshold = None
 
     @property
     def threshold(self) -> float:
-        return threshold_for(self.val_scores, self.pass_share)
+        key = (id(self.val_scores), len(self.val_scores), self.pass_share)
+        if self._threshold is None or self._threshold[0] != key:
+            self._threshold = (key, threshold_for(self.val_scores, self.pass_share))
+        return self._threshold[1]
 
     def neighbours(self, features: np.ndarray, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(distances, bank indices) of each photo's nearest training photos, nearest first."""

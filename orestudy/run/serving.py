@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastapi import Request  # at module level: the route's annotation is resolved from here
 from PIL import Image
 
 from . import answering, evidence, prediction
@@ -84,7 +85,8 @@ class Asker:
             verdict = pred.answer
         return {"name": name, "answer": pred.answer, "verdict": verdict, "novel": pred.novel,
                 "novelty": None if np.isnan(pred.novelty) else round(pred.novelty, 4),
-                "novelty_threshold": None if self.rules.novelty is None else round(self.rules.novelty.threshold, 4),
+                "novelty_threshold": (None if self.rules.novelty is None or np.isinf(self.rules.novelty.threshold)
+                                      else round(self.rules.novelty.threshold, 4)),
                 "confidence": round(pred.confidence, 4), "top": [[c, round(p, 4)] for c, p in pred.top],
                 "set": pred.set, "heatmap": "data:image/png;base64," + base64.b64encode(heat).decode(),
                 "heatmap_class": pred.top[0][0],
@@ -141,7 +143,7 @@ def check_upload(content: bytes, content_type: str, max_bytes: int) -> str:
 
 
 def make_app(settings: Settings):
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     asker = Asker(settings)
