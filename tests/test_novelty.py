@@ -103,6 +103,10 @@ def test_predict_says_not_one_of_these_before_any_class(model_run, tmp_path, cap
     out = capsys.readouterr()
     assert "not one of these" in out.out.splitlines()[1] and "1 not one of these" in out.err
     assert len(known.similar) == 3 and known.similar[0]["label"] == "pyrite"
+    import orestudy  # the Python API answers as the command does
+
+    api = orestudy.predict(str(run_dir), [str(noise), photo])
+    assert [p.answer for p in api] == [flagged.answer, known.answer] and api[1].set == known.set
     assert known.similar[0]["photo"] == str(Path(photo).relative_to(folder)) or known.similar[0]["distance"] > 0
 
 

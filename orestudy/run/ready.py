@@ -295,7 +295,7 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
         f"{pct(nov['generated_caught_share'])} of {nov['generated_outliers']}.",
     ]
     if loco:
-        lines += [f"- Leave one class out (a frozen backbone, each class unseen in turn; [table](../../docs/usage/geologist.md#not-one-of-these-minerals)): "
+        lines += [f"- Leave one class out (a frozen backbone, each class unseen in turn; [table](../../docs/results/novelty_loco/index.md)): "
                   f"AUROC {loco['auroc_mean']:.3f} on average over the 7 classes (min {loco['auroc_min']:.3f}, "
                   f"{loco['worst_class']}); at the 95 % pass threshold {pct(loco['caught_mean'])} of an unseen class is "
                   f"caught on average."]
@@ -341,8 +341,11 @@ def sanitized(ckpt: dict) -> dict:
     return {**ckpt, "config": config}
 
 
+DOCS_CARD = REPO_ROOT / "docs" / "models" / f"{NAME}.md"
+
+
 def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, threads: int = 0,
-          work: Path = Path("runs") / "ready", root: Path | None = None) -> Path:
+          work: Path = Path("runs") / "ready", root: Path | None = None, docs: Path | None = DOCS_CARD) -> Path:
     """Train the recipe (unless run_dir is given), keep its calibration data, and write the ready model's folder."""
     import numpy as np
     import torch
@@ -365,6 +368,10 @@ def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, 
     seeds = seed_records(ckpt["config"])
     readme, summary = card(ckpt["config"], figures, seeds, confusions(seeds, ckpt["class_names"]), ckpt, size_mb)
     (out / "README.md").write_text(readme)
+    if docs is not None:  # the same card on the documentation site, its links from there
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text(readme.replace("](../../docs/", "](../").replace(
+            "# The ready model: ", "# The ready model's card: ", 1))
     (out / "card.json").write_text(json.dumps(summary, indent=1, default=float))
     prep = exporting.preprocessing(ckpt, "orestudy checkpoint", out / "best.pt")
     prep.update({"output": {"meaning": "the checkpoint's OreClassifier gives logits over class_names; orestudy export "

@@ -83,7 +83,7 @@ class Asker:
             verdict = "Unknown: not sure enough to name it at this target error"
         else:
             verdict = pred.answer
-        return {"name": name, "answer": pred.answer, "verdict": verdict, "novel": pred.novel,
+        return {"name": name, "answer": pred.answer, "verdict": verdict, "why": self.why(pred), "novel": pred.novel,
                 "novelty": None if np.isnan(pred.novelty) else round(pred.novelty, 4),
                 "novelty_threshold": (None if self.rules.novelty is None or np.isinf(self.rules.novelty.threshold)
                                       else round(self.rules.novelty.threshold, 4)),
@@ -91,6 +91,23 @@ class Asker:
                 "set": pred.set, "heatmap": "data:image/png;base64," + base64.b64encode(heat).decode(),
                 "heatmap_class": pred.top[0][0],
                 "similar": [{**s, "distance": round(s["distance"], 4)} for s in pred.similar]}
+
+    def why(self, pred: prediction.Prediction) -> str:
+        """One line under the verdict: the rule that gave it."""
+        rules, c = self.rules, self.rules.certificate
+        if pred.novel:
+            return ""
+        if c is None:
+            return "this model keeps no 'unknown' threshold: every photo is named"
+        target = f"{answering.pct(rules.target_error)} error (confidence {1 - rules.delta:g})"
+        if not c.certified:
+            smallest = "none up to 50 %" if c.smallest is None else answering.pct(c.smallest)
+            return (f"nothing can be certified at {target}: the smallest target this model can certify is {smallest}, "
+                    f"limited by its {c.limit}")
+        if pred.answer == prediction.UNKNOWN:
+            return (f"top probability {pred.confidence:.3f} is under {c.threshold:.3f}, the threshold that keeps "
+                    f"answers within {target}")
+        return f"top probability {pred.confidence:.3f} ≥ {c.threshold:.3f}: answers like this are within {target}"
 
     def reference(self, index: int) -> bytes | None:
         """A JPEG thumbnail of the bank's photo index, if it is under the data root with the same content."""
@@ -260,6 +277,7 @@ async function ask(file) {
   heat.innerHTML = '<img class="main" src="' + out.heatmap + '" alt="heat map"><div class="small">where the model looked for ' +
     esc(out.heatmap_class) + ' (Grad-CAM)</div>';
   answer.innerHTML = '<p class="verdict ' + kind + '" data-answer="' + esc(out.answer) + '">' + esc(out.verdict) + '</p>' +
+    (out.why ? '<p class="small why">' + esc(out.why) + '</p>' : '') +
     (out.novel ? '<p class="small">Farther from every training photo (' + out.novelty + ') than 95 % of photos of the known minerals (' +
        out.novelty_threshold + '). If it were one of them:</p>' : '') +
     '<table>' + out.top.map(([c, p]) => '<tr><td>' + esc(c) + '</td><td>' + (100 * p).toFixed(1) +
