@@ -3,6 +3,9 @@ free local port, headless Chromium (Debian's, driven by Playwright) uploading tw
 and one generated picture of nothing mineral, then the page as a PNG.
 
     .venv/bin/python docs/serve_screenshot.py [--output docs/figures/serve.png] [PHOTO ...]
+
+The committed one: `docs/serve_screenshot.py ../shared/data/minerals/malachite/0071.jpg
+../shared/data/minerals/chrysocolla/0049.jpg` (two test photos of the ready model's split).
 """
 from __future__ import annotations
 

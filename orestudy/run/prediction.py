@@ -260,9 +260,16 @@ def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | No
         tracking.use_store(runs)
     devices.set_threads(threads)
     torch_device = devices.pick_device(device)
-    dtype = devices.pick_precision(precision, torch_device)
     ensemble = ensembling.is_ensemble(source)
-    model, meta = load_model(source, torch_device, dtype) if ensemble else load_eager(source, torch_device)
+    if ensemble:
+        dtype = devices.pick_precision(precision, torch_device)
+        model, meta = load_model(source, torch_device, dtype)
+    else:
+        model, meta = load_eager(source, torch_device)
+        trained = meta.get("config", {}).get("precision", "auto")
+        if precision == "auto" and trained in ("fp32", "bf16"):  # as the checkpoint was calibrated
+            precision = trained
+        dtype = devices.pick_precision(precision, torch_device)
     if tta is None:  # as the run was evaluated, and its threshold and sets calibrated
         tta = bool(meta.get("best", {}).get("tta", False))
     rules = answering.rules_for(meta, source, target_error, delta, coverage, guarantee, pass_share, sets_required)

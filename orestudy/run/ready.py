@@ -79,6 +79,13 @@ def split_records(run_dir: Path, root: Path) -> dict[str, list]:
     return out
 
 
+def run_predictions(run_dir: Path, classes: list[str]) -> list[tuple]:
+    """(split, sha256, class index, softmax) per photo of a run folder's predictions.csv."""
+    with (run_dir / "predictions.csv").open(newline="") as f:
+        return [(row["split"], row["sha256"], classes.index(row["label"]), [float(row[f"p_{c}"]) for c in classes])
+                for row in csv.DictReader(f)]
+
+
 def enrich(run_dir: Path, root: Path | None = None) -> dict:
     """best.pt of run_dir with its calibration data and novelty bank (answering.keep), computed now from
     its split and metrics.json's validation softmax where training did not keep them; the checkpoint."""
@@ -96,8 +103,8 @@ def enrich(run_dir: Path, root: Path | None = None) -> dict:
     records = split_records(run_dir, root)
     classes = ckpt["class_names"]
     labels = {s: [classes.index(r.label) for r in recs] for s, recs in records.items()}
-    rows = {sha: probs for split, sha, _, probs in json.loads((run_dir / "metrics.json").read_text())["predictions"]
-            if split == "val"}  # the softmax training calibrated on, as it computed it
+    rows = {sha: probs for split, sha, _, probs in run_predictions(run_dir, classes)
+            if split == "val"}  # the softmax training calibrated on, as it computed it (to 5 decimals)
     val_probs = np.array([rows[r.sha256] for r in records["val"]])
     model, meta = models.load_checkpoint(path)
     config = TrainConfig.from_dict({k: v for k, v in complete(meta["config"]).items() if k in defaults()})
@@ -163,7 +170,7 @@ def measure(ckpt: dict, run_dir: Path, root: Path) -> dict:
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     classes = ckpt["class_names"]
-    test = [(label, np.array(probs)) for split, _, label, probs in metrics["predictions"] if split == "test"]
+    test = [(label, np.array(probs)) for split, _, label, probs in run_predictions(run_dir, classes) if split == "test"]
     labels, probs = np.array([t[0] for t in test]), np.array([t[1] for t in test])
     rules = answering.rules_for(ckpt, "ready")
     cal = answering.Calibration.of(ckpt)
@@ -226,7 +233,8 @@ def pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f} %"
 
 
-def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], ckpt: dict, size_mb: float) -> tuple[str, dict]:
+def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], ckpt: dict, size_mb: float,
+         note: str = "") -> tuple[str, dict]:
     """(README.md, card.json) of the ready model."""
     classes, test, ans, sets, nov = figures["classes"], figures["test"], figures["answers"], figures["sets"], figures["novelty"]
     accuracies = [r["metrics"]["accuracy"] for r in seeds]
@@ -240,10 +248,14 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
     lines = [
         f"# The ready model: {NAME}",
         "",
-        f"**{recipe_text}**: the recipe the study has decided on so far (`orestudy train`'s defaults), trained on",
+        f"**{recipe_text}**: "
+        + ("an interim stand-in for the recipe the study has decided on so far (see the note), trained on" if note else
+           "the recipe the study has decided on so far (`orestudy train`'s defaults), trained on"),
         "the published data, in fp32. `orestudy predict photo.jpg` and `orestudy serve` use it when no `--model` is",
         f"given. Rebuild: `python -m orestudy.run.ready` ({size_mb:.1f} MB, in git without LFS).",
         "",
+        *([f"> **{note.split(':')[0]}.** {note.split(':', 1)[1].strip()[:1].upper()}{note.split(':', 1)[1].strip()[1:]}", ""]
+          if ":" in note else []),
         "## Data and split",
         "",
         f"The Minerals Identification data set (Kaggle `asiedubrempong/minerals-identification-dataset`, folder",
@@ -326,7 +338,7 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
         + (f"an unseen class caught {pct(loco['caught_mean'], 0)} on average (leave one class out)" if loco
            else f"{pct(nov['generated_caught_share'], 0)} of generated non-mineral pictures caught"),
     ]
-    summary = {"name": NAME, "recipe": recipe_text, "figures": figures_short,
+    summary = {"name": NAME, "recipe": recipe_text, "note": note, "figures": figures_short,
                "confusions": [f"{c['pair'][0]} / {c['pair'][1]} ({c['count']} of {c['test_photos']} test photos)" for c in confused],
                "card_url": "models/minerals7/README.md", "seeds": accuracies, "measured": figures,
                "loco": loco, "size_mb": size_mb}
@@ -345,16 +357,17 @@ DOCS_CARD = REPO_ROOT / "docs" / "models" / f"{NAME}.md"
 
 
 def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, threads: int = 0,
-          work: Path = Path("runs") / "ready", root: Path | None = None, docs: Path | None = DOCS_CARD) -> Path:
-    """Train the recipe (unless run_dir is given), keep its calibration data, and write the ready model's folder."""
-    import numpy as np
+          work: Path = Path("runs") / "ready", root: Path | None = None, docs: Path | None = DOCS_CARD,
+          overrides: dict | None = None, note: str = "") -> Path:
+    """Train the recipe (unless run_dir is given; overrides: TrainConfig fields that depart from it, said
+    on the card with note), keep its calibration data, and write the ready model's folder."""
     import torch
 
     from . import exporting, training
 
     if run_dir is None:
         config = recipe(seed, threads=threads, output=str(work), name=f"{NAME}_s{seed}",
-                        data=str(root or default_data_root()))
+                        data=str(root or default_data_root()), exist_ok=True, **(overrides or {}))
         run_dir = Path(training.run_experiment(config)["run_dir"])
     run_dir = Path(run_dir)
     ckpt = enrich(run_dir, root)
@@ -366,7 +379,7 @@ def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, 
     torch.save(sanitized(ckpt), out / "best.pt")
     size_mb = (out / "best.pt").stat().st_size / 1e6
     seeds = seed_records(ckpt["config"])
-    readme, summary = card(ckpt["config"], figures, seeds, confusions(seeds, ckpt["class_names"]), ckpt, size_mb)
+    readme, summary = card(ckpt["config"], figures, seeds, confusions(seeds, ckpt["class_names"]), ckpt, size_mb, note)
     (out / "README.md").write_text(readme)
     if docs is not None:  # the same card on the documentation site, its links from there
         docs.parent.mkdir(parents=True, exist_ok=True)
@@ -392,8 +405,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all")
     parser.add_argument("--work", type=Path, default=Path("runs") / "ready", help="where the training run goes")
     parser.add_argument("--data", type=Path, help="the data folder (default: ORESTUDY_DATA or ../shared/data/minerals)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a TrainConfig field that departs from the recipe (YAML value), e.g. freeze_epochs=20")
+    parser.add_argument("--note", default="", help="'Title: text' said on the card, e.g. why the recipe departs")
     args = parser.parse_args(argv)
-    build(args.run, args.out, args.seed, args.threads, args.work, args.data)
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    TrainConfig.from_dict({**overrides})  # type-checked before hours of training
+    build(args.run, args.out, args.seed, args.threads, args.work, args.data, overrides=overrides, note=args.note)
 
 
 if __name__ == "__main__":

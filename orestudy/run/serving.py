@@ -140,6 +140,7 @@ def card_figures(source: str, meta: dict, rules: answering.Rules) -> dict:
             "recipe": card.get("recipe", f"{meta.get('backbone')} {config.get('regime', '')} "
                                          f"attention {config.get('attention', '')}, seed {config.get('seed', '')}"),
             "figures": card.get("figures", []), "confusions": card.get("confusions", []),
+            "note": card.get("note", "").split(". ")[0],
             "rules": rules.notes, "card": card.get("card_url", "")}
 
 
@@ -255,6 +256,7 @@ fetch('/api/card').then(r => r.json()).then(c => {
   document.getElementById('model').textContent = '(' + c.name + ')';
   document.getElementById('card').innerHTML = '<b>Model:</b> ' + esc(c.recipe) + ' &middot; knows ' +
     c.classes.length + ' minerals: ' + c.classes.map(esc).join(', ') +
+    (c.note ? '<div class="small"><b>' + esc(c.note) + '</b> (see the model card)</div>' : '') +
     '<ul>' + c.figures.map(f => '<li>' + esc(f) + '</li>').join('') + '</ul>' +
     (c.confusions.length ? '<b>Known confusions:</b> ' + c.confusions.map(esc).join('; ') : '') +
     '<ul class="small">' + c.rules.map(r => '<li>' + esc(r) + '</li>').join('') + '</ul>';
