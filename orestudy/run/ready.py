@@ -1,8 +1,8 @@
 """The ready model: the study's chosen recipe, trained on the published data, shipped in models/ with its
 card, and what `orestudy predict` and `orestudy serve` use when no --model is given.
 
-    .venv/bin/python -m orestudy.run.ready            # train the recipe (seed 231), then write models/minerals7
-    .venv/bin/python -m orestudy.run.ready --run DIR  # the same from a run folder already trained
+    .venv/bin/python models/build.py                # train the recipe (seed 231), then write models/minerals7
+    .venv/bin/python models/build.py --run DIR  # the same from a run folder already trained
 
 The recipe is `orestudy train`'s defaults (TrainConfig), in fp32 so that its calibration holds on every
 CPU: when the study decides on a better recipe, the defaults change and one command rebuilds the model.
@@ -40,7 +40,7 @@ def default_model() -> str:
     """The ready model's folder, announced on stderr; FileNotFoundError when it is not there."""
     if not (READY_DIR / "best.pt").is_file():
         raise FileNotFoundError(f"no --model given and the ready model is missing ({READY_DIR / 'best.pt'}); give "
-                                f"--model RUN_FOLDER, or build it: python -m orestudy.run.ready")
+                                f"--model RUN_FOLDER, or build it: python models/build.py")
     card = READY_DIR / "card.json"
     recipe = json.loads(card.read_text()).get("recipe", "") if card.is_file() else ""
     print(f"using the ready model {os.path.relpath(READY_DIR)} ({recipe}; card: "
@@ -252,7 +252,7 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
         + ("an interim stand-in for the recipe the study has decided on so far (see the note), trained on" if note else
            "the recipe the study has decided on so far (`orestudy train`'s defaults), trained on"),
         "the published data, in fp32. `orestudy predict photo.jpg` and `orestudy serve` use it when no `--model` is",
-        f"given. Rebuild: `python -m orestudy.run.ready` ({size_mb:.1f} MB, in git without LFS).",
+        f"given. Rebuild: `python models/build.py` ({size_mb:.1f} MB, in git without LFS).",
         "",
         *([f"> **{note.split(':')[0]}.** {note.split(':', 1)[1].strip()[:1].upper()}{note.split(':', 1)[1].strip()[1:]}", ""]
           if ":" in note else []),
@@ -397,7 +397,7 @@ def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m orestudy.run.ready", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python models/build.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a run folder of the recipe already trained (default: train it now)")
     parser.add_argument("--out", type=Path, default=READY_DIR, help="the ready model's folder")
