@@ -252,3 +252,25 @@ def test_auto_tta_is_chosen_on_validation_alone():
                                                                            "val_accuracy_flips": 0.85})
     assert training.with_tta("auto", plain, lambda: tied)[1]["tta"] is False  # a tie stays plain
     assert training.with_tta("off", plain, lambda: 1 / 0) == (plain, {"tta": False})  # nothing flipped is scored
+
+
+def test_a_target_chosen_at_predict_time_is_the_threshold_training_would_have_stored(trained, tmp_path, capsys):
+    """The same run trained for another target stores the threshold predict computes for that target
+    from the first run's kept calibration photos; an uncertifiable target is said, with the smallest
+    certifiable one."""
+    folder, run_dir = trained
+    _, meta = models.load_checkpoint(run_dir / "best.pt")
+    other = config.TrainConfig(data=str(folder), output=str(tmp_path / "runs"), cache="", regime="tl",
+                               epochs=2, freeze_epochs=2, lr=1e-2, image_size=64, batch_size=8, threads=1,
+                               progress=False, mlflow=False, unknown_target_error=0.5)
+    training.run_experiment(other)
+    _, trained_for_half = models.load_checkpoint(tmp_path / "runs" / other.run_name() / "best.pt")
+    asked = answering.certify(answering.Calibration.of(meta), 0.5, 0.1)
+    assert asked.certified  # 6 validation photos certify 50 %, not less than about 43 %
+    assert asked.threshold == pytest.approx(trained_for_half["best"]["unknown_threshold"], abs=1e-6)
+    capsys.readouterr()
+    preds = predict.main(["--model", str(run_dir), str(folder / "pyrite"), "--target-error", "0.05"])
+    err = capsys.readouterr().err
+    assert "target error 5 % cannot be certified" in err and "the smallest this model can certify is" in err
+    assert "calibration size" in err and all(p.answer in (prediction.UNKNOWN, prediction.NOVEL) for p in preds)
+    assert all(p.top and p.set for p in preds)  # classes and sets still given
