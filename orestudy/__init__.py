@@ -52,14 +52,21 @@ def load_model(source: str, device: str = "auto") -> Model:
     return Model(network, meta, str(source))
 
 
-def predict(model: Model | str, photos: list[str], top_k: int = 3, tta: bool | None = None) -> list:
-    """One run.prediction.Prediction per photo (files or folders): its answer ("unknown" below the
-    model's guaranteed threshold), top classes and probabilities; in fp32, as every answering path."""
-    from .run import prediction
+def predict(model: Model | str, photos: list[str], top_k: int = 3, tta: bool | None = None,
+            target_error: float = 0.10, delta: float = 0.10, coverage: float | None = 0.95) -> list:
+    """One run.prediction.Prediction per photo (files or folders), as `orestudy predict` answers: "not
+    one of these" for a photo unlike the training photos, else its class or "unknown" at target_error
+    (with confidence 1 - delta), its top classes and probabilities and its prediction set at coverage
+    (training-conditional); in fp32, as every answering path."""
+    from .run import answering, prediction
 
     model = model if isinstance(model, Model) else load_model(model)
     tta = bool(model.meta.get("best", {}).get("tta", False)) if tta is None else tta
     device = next(model.network.parameters()).device
-    return list(prediction.predict(model.network, model.meta, prediction.list_images([str(p) for p in photos]),
-                                   prediction.unknown_threshold(model.meta, model.source), top_k, tta,
-                                   device=device))
+    rules = answering.rules_for(model.meta, model.source, target_error, delta, coverage)
+    network = model.network
+    if rules.novelty is not None:  # the network that also gives the features the novelty score reads
+        network, _ = prediction.load_model(model.source, device, features=True, flips=tta)
+    return list(prediction.predict(network, model.meta, prediction.list_images([str(p) for p in photos]),
+                                   rules.threshold, top_k, tta, device=device, quantile=rules.quantile,
+                                   novelty=rules.novelty))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from orestudy import config, data, models
 from orestudy.commands import predict
-from orestudy.run import evaluation, features, prediction, training
+from orestudy.run import answering, evaluation, features, prediction, training
 from conftest import COLOURS, png_folder
 
 
@@ -29,8 +29,10 @@ def noise(tmp_path):
 
 
 def with_threshold(run_dir, tmp_path, threshold):
-    """A copy of the run's checkpoint with the given "unknown" threshold (None: a checkpoint without one)."""
+    """A copy of the run's checkpoint as one trained before checkpoints kept calibration data and a
+    novelty score, with the given stored "unknown" threshold (None: a checkpoint without one)."""
     ckpt = torch.load(run_dir / "best.pt", weights_only=False)
+    del ckpt["best"]["calibration"], ckpt["best"]["novelty"]
     ckpt["best"]["unknown_threshold"] = threshold
     if threshold is None:
         del ckpt["best"]["unknown_threshold"]
@@ -48,12 +50,14 @@ def test_rows_for_every_file_in_the_table_csv_and_json(trained, tmp_path, capsys
     preds = predict.main(["--model", str(run_dir), *inputs, "--top-k", "2", "--batch-size", "5",
                           "--output", str(tmp_path / "out.csv")])
     _, meta = models.load_checkpoint(run_dir / "best.pt")
+    # the threshold at predict's default target, from the calibration the checkpoint keeps
+    threshold = answering.certify(answering.Calibration.of(meta), 0.10, 0.10).threshold
     assert len(preds) == 32
     good, bad = preds[:30], preds[30:]
     for p in good:
-        assert p.answer in meta["class_names"] + [prediction.UNKNOWN] and not p.error
+        assert p.answer in meta["class_names"] + [prediction.UNKNOWN, prediction.NOVEL] and not p.error
         assert len(p.top) == 2 and p.top[0][1] >= p.top[1][1] and p.top[0][1] == p.confidence
-        assert (p.answer == prediction.UNKNOWN) == (p.confidence < meta["best"]["unknown_threshold"])
+        assert (p.answer == prediction.UNKNOWN) == (not p.novel and p.confidence < threshold)
     assert [p.path for p in bad] == inputs[1:]
     assert "OSError" in bad[0].error and "FileNotFoundError" in bad[1].error
     assert all(p.answer == "" and p.top == [] for p in bad)
@@ -63,13 +67,14 @@ def test_rows_for_every_file_in_the_table_csv_and_json(trained, tmp_path, capsys
     assert table[-2].split()[1] == "UNREADABLE"
     with (tmp_path / "out.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "answer", "confidence", "class_1", "p_1", "class_2", "p_2", "error"]
+    assert list(rows[0]) == ["path", "answer", "confidence", "set", "novelty", "class_1", "p_1", "class_2", "p_2", "error"]
     assert [r["answer"] for r in rows] == [p.answer for p in preds]
     assert rows[-1]["error"] and rows[-1]["class_1"] == ""
 
     predict.main(["--model", str(run_dir), *inputs, "--output", str(tmp_path / "out.json")])
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["unknown_threshold"] == meta["best"]["unknown_threshold"] and out["classes"] == meta["class_names"]
+    assert out["unknown_threshold"] == threshold and out["classes"] == meta["class_names"]
+    assert out["target_error"] == 0.10 and out["set_guarantee"] == "conditional"
     assert out["input_size"] == 64 and out["mean"] == meta["mean"]
     assert len(out["predictions"]) == 32 and len(out["predictions"][0]["top_k"]) == 3
     assert out["predictions"][-1]["confidence"] is None
@@ -174,7 +179,8 @@ def test_coverage_gives_each_photo_its_prediction_set(trained, tmp_path, capsys)
     _, meta = models.load_checkpoint(run_dir / "best.pt")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     inputs = [str(folder), str(tmp_path / "bad.png")]
-    preds = predict.main(["--model", str(run_dir), *inputs, "--coverage", "0.6", "--output", str(tmp_path / "out.csv")])
+    preds = predict.main(["--model", str(run_dir), *inputs, "--coverage", "0.6", "--sets", "marginal",
+                          "--output", str(tmp_path / "out.csv")])
     probs = np.array([[dict(p.top)[c] for c in meta["class_names"]] for p in preds[:-1]])
     sets = evaluation.prediction_sets(probs, np.array(meta["best"]["conformal_scores"]), 0.6)
     for p, members in zip(preds, sets):
@@ -186,9 +192,12 @@ def test_coverage_gives_each_photo_its_prediction_set(trained, tmp_path, capsys)
     with (tmp_path / "out.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:4] == ["path", "answer", "confidence", "set"]
+    conditional = predict.main(["--model", str(run_dir), *inputs, "--coverage", "0.6"])  # the default guarantee
+    assert all(set(a.set) <= set(b.set) for a, b in zip(preds, conditional))  # more cautious: never smaller
     assert [r["set"] for r in rows] == [" or ".join(p.set) for p in preds]
 
-    wider = predict.main(["--model", str(run_dir), *inputs, "--coverage", "0.99", "--output", str(tmp_path / "out.json")])
+    wider = predict.main(["--model", str(run_dir), *inputs, "--coverage", "0.99", "--sets", "marginal",
+                          "--output", str(tmp_path / "out.json")])
     assert all(set(a.set) <= set(b.set) for a, b in zip(preds, wider))
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["coverage"] == 0.99 and [row["set"] for row in out["predictions"]] == [p.set for p in wider]
@@ -198,7 +207,7 @@ def test_coverage_gives_each_photo_its_prediction_set(trained, tmp_path, capsys)
 def test_checkpoint_without_conformal_scores_says_so_for_coverage_only(trained, noise, tmp_path, capsys):
     folder, run_dir = trained
     ckpt = torch.load(run_dir / "best.pt", weights_only=False)
-    del ckpt["best"]["conformal_scores"]
+    del ckpt["best"]["conformal_scores"], ckpt["best"]["calibration"], ckpt["best"]["novelty"]
     old = tmp_path / "old.pt"
     torch.save(ckpt, old)
     with pytest.raises(SystemExit):
@@ -249,3 +258,26 @@ def test_predict_answers_in_fp32_by_default_as_the_mlflow_model_and_onnx_file_do
     fp32 = prediction.predict_files(str(run_dir), photos, threads=1, precision="fp32")
     assert [p.top for p in default] == [p.top for p in fp32]
     assert predict.argument_parser().get_default("precision") == "fp32"
+
+
+def test_a_target_chosen_at_predict_time_is_the_threshold_training_would_have_stored(trained, tmp_path, capsys):
+    """The same run trained for another target stores the threshold predict computes for that target
+    from the first run's kept calibration photos; an uncertifiable target is said, with the smallest
+    certifiable one."""
+    folder, run_dir = trained
+    _, meta = models.load_checkpoint(run_dir / "best.pt")
+    other = config.TrainConfig(data=str(folder), output=str(tmp_path / "runs"), cache="", regime="tl",
+                               epochs=2, freeze_epochs=2, lr=1e-2, image_size=64, batch_size=8, threads=1,
+                               progress=False, mlflow=False, unknown_target_error=0.5,
+                               precision="fp32")  # as the session's tiny run
+    training.run_experiment(other)
+    _, trained_for_half = models.load_checkpoint(tmp_path / "runs" / other.run_name() / "best.pt")
+    asked = answering.certify(answering.Calibration.of(meta), 0.5, 0.1)
+    assert asked.certified  # 6 validation photos certify 50 %, not less than about 43 %
+    assert asked.threshold == pytest.approx(trained_for_half["best"]["unknown_threshold"], abs=1e-6)
+    capsys.readouterr()
+    preds = predict.main(["--model", str(run_dir), str(folder / "pyrite"), "--target-error", "0.05"])
+    err = capsys.readouterr().err
+    assert "target error 5 % cannot be certified" in err and "the smallest this model can certify is" in err
+    assert "calibration size" in err and all(p.answer in (prediction.UNKNOWN, prediction.NOVEL) for p in preds)
+    assert all(p.top and p.set for p in preds)  # classes and sets still given

@@ -221,6 +221,7 @@ COMMANDS = {
     "train": "train one configuration and test it once",
     "val": "evaluate a trained model on any folder of class sub-folders",
     "predict": "classify photos with a trained model",
+    "serve": "a local web page to ask a model about photos (answers, sets, similar photos, heat maps)",
     "export": "write a trained model as ONNX or TorchScript, its preprocessing in a JSON beside it",
     "eda": "the data set: class counts, sizes, colours, near-duplicates",
     "replicate": "the paper's grid as a Ray Tune study",

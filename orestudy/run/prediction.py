@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from .. import data, models
-from . import ensembling
-from .evaluation import NO_ANSWER, infer, prediction_sets
+from . import answering, ensembling, novelty as novelty_scores
+from .evaluation import NO_ANSWER, infer
 
 UNKNOWN = "unknown"
+NOVEL = novelty_scores.NOVEL
+SIMILAR = 3  # nearest training photos kept per photo as evidence
 
 
 @dataclass
@@ -30,6 +32,9 @@ class Prediction:
     top: list[tuple[str, float]]    # the top-k classes, most likely first
     error: str = ""                 # why the file could not be read
     set: list[str] = field(default_factory=list)  # the prediction set, with --coverage; most likely first
+    novelty: float = float("nan")   # the k-th nearest training photo's distance (novelty.py); nan: none stored
+    novel: bool = False             # above the novelty threshold: answered "not one of these"
+    similar: list[dict] = field(default_factory=list)  # the nearest training photos: label, photo, distance
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,19 +58,34 @@ def checkpoint_file(source: str) -> Path:
     return path
 
 
-def load_model(source: str, device: torch.device = torch.device("cpu"),
-               dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
-    """(model ready for inference, checkpoint metadata): see models.for_inference. An ensemble's folder
-    (orestudy ensemble) gives its members' weighted mean."""
-    if ensembling.is_ensemble(source):
-        return ensembling.load_ensemble(source, device, dtype)
+def load_eager(source: str, device: torch.device = torch.device("cpu")) -> tuple[models.OreClassifier, dict]:
+    """(the checkpoint's model in eval mode, its metadata), as trained: what heat maps differentiate."""
     path = checkpoint_file(source)
     try:
-        model, meta = models.load_checkpoint(path, device)
+        return models.load_checkpoint(path, device)
     except Exception as err:  # unpickling, a missing key, a mismatched state dict: each means "not one of ours"
         reason = (str(err).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path} is not a readable orestudy checkpoint ({type(err).__name__}: {reason})") from err
-    return models.for_inference(model, meta["input_size"], device, dtype), meta
+
+
+def load_model(source: str, device: torch.device = torch.device("cpu"),
+               dtype: torch.dtype | None = None, features: bool = False,
+               flips: bool = False) -> tuple[torch.nn.Module, dict]:
+    """(model ready for inference, checkpoint metadata): see models.for_inference. An ensemble's folder
+    (orestudy ensemble) gives its members' weighted mean. features: the model outputs [logits |
+    penultimate features] (novelty.WithFeatures; flips averages the logits over flips as --tta does),
+    where the checkpoint keeps a novelty score (meta['best']['novelty']); ensembles never do."""
+    if ensembling.is_ensemble(source):
+        return ensembling.load_ensemble(source, device, dtype)
+    model, meta = load_eager(source, device)
+    return ready(model, meta, device, dtype, features and "novelty" in meta["best"], flips), meta
+
+
+def ready(model: models.OreClassifier, meta: dict, device: torch.device, dtype: torch.dtype | None,
+          features: bool = False, flips: bool = False) -> torch.nn.Module:
+    """The eager model made fast for inference; features: outputting [logits | features] (see load_model)."""
+    return models.for_inference(novelty_scores.WithFeatures(model, flips) if features else model, meta["input_size"],
+                                device, dtype)
 
 
 def unknown_threshold(meta: dict, source: str) -> float | None:
@@ -76,15 +96,6 @@ def unknown_threshold(meta: dict, source: str) -> float | None:
               f"named as one of the {len(meta['class_names'])} classes, however unlike them it is. Retrain "
               f"for a threshold chosen on validation.", file=sys.stderr)
     return threshold
-
-
-def calibration_scores(meta: dict, source: str) -> np.ndarray:
-    """The stored conformal scores; a checkpoint written before prediction sets has none (ValueError)."""
-    scores = meta["best"].get("conformal_scores")
-    if scores is None:
-        raise ValueError(f"{source} stores no conformal calibration (it predates prediction sets), so it "
-                         f"cannot give --coverage sets; retrain it, or leave out --coverage")
-    return np.asarray(scores)
 
 
 def eval_input(path: str | Path, input_size: int) -> torch.Tensor:
@@ -134,81 +145,111 @@ def prefetched(items: Iterator) -> Iterator:
 def predict(model: torch.nn.Module, meta: dict, paths: list[str], threshold: float | None, top_k: int = 3,
             tta: bool = False, batch_size: int = 32, device: torch.device = torch.device("cpu"),
             dtype: torch.dtype | None = None, scores: np.ndarray | None = None,
-            coverage: float | None = None) -> Iterator[Prediction]:
-    """One Prediction per path, in order, streamed batch by batch; with conformal scores and a
-    coverage, each with its prediction set."""
+            coverage: float | None = None, *, quantile: float | None = None,
+            novelty: novelty_scores.Novelty | None = None) -> Iterator[Prediction]:
+    """One Prediction per path, in order, streamed batch by batch. Sets: with a quantile (answering.
+    set_quantile), or with conformal scores and a coverage (split conformal's marginal cut-off).
+    novelty: the model is load_model(..., features=True)'s (its flips already inside), and a photo
+    farther than the novelty threshold from the training photos is answered "not one of these"
+    before any class is named; each photo keeps its nearest training photos as evidence."""
     names = meta["class_names"]
     k = min(top_k, len(names))
-    forward = models.Flipped(model) if tta else model
+    forward = model if novelty is not None else models.Flipped(model) if tta else model
+    if quantile is None and coverage:
+        quantile = answering.set_quantile(scores, coverage, 0.0, "marginal")
     batches = prefetched(decoded_batches(paths, batch_size, meta["input_size"], meta["mean"], meta["std"]))
-    for logits, (chunk, errors) in infer(forward, batches, device, dtype):
+    for output, (chunk, errors) in infer(forward, batches, device, dtype):
+        logits, feats = (output[:, :len(names)], output[:, len(names):]) if novelty is not None else (output, None)
         probs = logits.softmax(1).cpu().numpy()
-        sets = prediction_sets(probs, scores, coverage) if coverage else np.zeros_like(probs, dtype=bool)
-        rows = iter(zip(probs.tolist(), sets))
+        sets = answering.sets_at(probs, quantile) if quantile is not None else np.zeros_like(probs, dtype=bool)
+        if novelty is not None and len(probs):
+            distances, neighbours = novelty.neighbours(feats.cpu().numpy())
+            score = distances[:, novelty.k - 1]
+        else:
+            distances = neighbours = score = [None] * len(probs)
+        rows = iter(zip(probs.tolist(), sets, score, distances, neighbours))
         for path, error in zip(chunk, errors):
             if error:
                 yield Prediction(path, "", float("nan"), [], error)
                 continue
-            p, in_set = next(rows)
+            p, in_set, nov, dist, near = next(rows)
             ranked = sorted(zip(names, p, in_set), key=lambda item: -item[1])
             top = [(name, q) for name, q, _ in ranked[:k]]
+            novel = bool(nov is not None and nov > novelty.threshold)
             confident = threshold is None or top[0][1] >= threshold  # the threshold is the lowest accepted
-            yield Prediction(path, top[0][0] if confident else UNKNOWN, top[0][1], top,
-                             set=[name for name, _, member in ranked if member])
+            similar = [] if nov is None else [
+                {"index": int(i), "label": names[novelty.labels[i]], "photo": novelty.photos[i],
+                 "sha256": novelty.hashes[i], "distance": float(d)} for d, i in zip(dist[:SIMILAR], near[:SIMILAR])]
+            yield Prediction(path, NOVEL if novel else top[0][0] if confident else UNKNOWN, top[0][1], top,
+                             set=[name for name, _, member in ranked if member],
+                             novelty=float("nan") if nov is None else float(nov), novel=novel, similar=similar)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Output
 
-def csv_row(pred: Prediction, k: int, sets: bool) -> list:
+def csv_row(pred: Prediction, k: int, sets: bool, novelty: bool = False) -> list:
     top = pred.top + [("", "")] * (k - len(pred.top))  # an unreadable file has no classes
     return [pred.path, pred.answer, "" if pred.error else pred.confidence, *([" or ".join(pred.set)] if sets else []),
+            *(["" if pred.error else round(pred.novelty, 5)] if novelty else []),
             *[x for name, p in top for x in (name, p)], pred.error]
 
 
-def write_output(path: Path, preds: list[Prediction], k: int, header: dict, sets: bool = False) -> None:
-    """CSV (one row per file, top-k as columns) or JSON (with the model's details), by the suffix; sets:
-    with each photo's prediction set (a 'set' column of names joined by ' or ', a 'set' list in JSON)."""
+def write_output(path: Path, preds: list[Prediction], k: int, header: dict, sets: bool = False,
+                 novelty: bool = False) -> None:
+    """CSV (one row per file, top-k as columns) or JSON (with the model's details and, per photo, the
+    nearest training photos), by the suffix; sets: with each photo's prediction set (a 'set' column of
+    names joined by ' or ', a 'set' list in JSON); novelty: with each photo's novelty score."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
         rows = [{"path": p.path, "answer": p.answer, "confidence": None if p.error else p.confidence,
                  **({"set": p.set} if sets else {}),
+                 **({"novelty": None if p.error else p.novelty, "novel": p.novel, "similar": p.similar} if novelty else {}),
                  "top_k": [{"class": c, "probability": q} for c, q in p.top], "error": p.error} for p in preds]
         path.write_text(json.dumps({**header, "predictions": rows}, indent=1))
         return
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "answer", "confidence", *(["set"] if sets else []),
+        writer.writerow(["path", "answer", "confidence", *(["set"] if sets else []), *(["novelty"] if novelty else []),
                          *[f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "p")], "error"])
-        writer.writerows(csv_row(p, k, sets) for p in preds)
+        writer.writerows(csv_row(p, k, sets, novelty) for p in preds)
+
+
+ANSWER_WIDTH = len(NOVEL)
 
 
 def table_line(pred: Prediction, width: int) -> str:
     name = pred.path if len(pred.path) <= width else "..." + pred.path[-(width - 3):]
     if pred.error:
-        return f"{name:<{width}}  {'UNREADABLE':<14} {pred.error}"
-    line = f"{name:<{width}}  {pred.answer:<14} " + "  ".join(f"{c} {p:.3f}" for c, p in pred.top)
+        return f"{name:<{width}}  {'UNREADABLE':<{ANSWER_WIDTH}} {pred.error}"
+    line = f"{name:<{width}}  {pred.answer:<{ANSWER_WIDTH}} " + "  ".join(f"{c} {p:.3f}" for c, p in pred.top)
     return line + (f"   set: {' or '.join(pred.set)}" if pred.set else "")
 
 
 def summary_line(preds: list[Prediction], threshold: float | None, coverage: float | None, seconds: float) -> str:
     unreadable = sum(bool(p.error) for p in preds)
     unknown = sum(p.answer == UNKNOWN for p in preds)
-    rule = ("no threshold stored" if threshold is None else "validation too small to promise the target error"
+    novel = sum(p.novel for p in preds)
+    rule = ("no threshold stored" if threshold is None else "the target error cannot be certified"
             if threshold >= NO_ANSWER else f"top-1 probability < {threshold:.3f}")
     if coverage:
         sizes = [len(p.set) for p in preds if not p.error]
         rule += f"; mean set size {np.mean(sizes) if sizes else 0:.2f} at coverage {coverage:g}"
-    return (f"{len(preds)} files: {len(preds) - unreadable - unknown} named, {unknown} unknown ({rule}), "
-            f"{unreadable} unreadable; {len(preds) / max(seconds, 1e-9):.1f} images/s")
+    return (f"{len(preds)} files: {len(preds) - unreadable - unknown - novel} named, {unknown} unknown ({rule}), "
+            f"{novel} not one of these, {unreadable} unreadable; {len(preds) / max(seconds, 1e-9):.1f} images/s")
 
 
 def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | None = None, coverage: float | None = None,
                   batch_size: int = 32, output: Path | None = None, runs: str = "runs", device: str = "auto",
-                  precision: str = "fp32", threads: int = 0) -> list[Prediction]:
+                  precision: str = "fp32", threads: int = 0, *, target_error: float = answering.DEFAULT_TARGET_ERROR,
+                  delta: float = answering.DEFAULT_DELTA, guarantee: str = answering.DEFAULT_GUARANTEE,
+                  pass_share: float | None = None, sets_required: bool = True) -> list[Prediction]:
     """`orestudy predict`: the model at source on every image under inputs, as a table on the terminal
-    (and a CSV or JSON file at output), with a summary line. Raises FileNotFoundError, CheckpointError
-    or ValueError for a model it cannot use."""
+    (and a CSV or JSON file at output), with the rules it answered by and a summary line. The target
+    error, delta, coverage (None: no sets) and set guarantee are applied now, from the calibration
+    data the checkpoint keeps (answering.rules_for). Raises FileNotFoundError, CheckpointError or
+    ValueError for a model it cannot use (NoCalibration, a ValueError, for sets it cannot form when
+    sets_required)."""
     from tqdm import tqdm
 
     from .. import device as devices
@@ -219,28 +260,42 @@ def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | No
         tracking.use_store(runs)
     devices.set_threads(threads)
     torch_device = devices.pick_device(device)
-    dtype = devices.pick_precision(precision, torch_device)
-    model, meta = load_model(source, torch_device, dtype)
+    ensemble = ensembling.is_ensemble(source)
+    if ensemble:
+        dtype = devices.pick_precision(precision, torch_device)
+        model, meta = load_model(source, torch_device, dtype)
+    else:
+        model, meta = load_eager(source, torch_device)
+        trained = meta.get("config", {}).get("precision", "auto")
+        if precision == "auto" and trained in ("fp32", "bf16"):  # as the checkpoint was calibrated
+            precision = trained
+        dtype = devices.pick_precision(precision, torch_device)
     if tta is None:  # as the run was evaluated, and its threshold and sets calibrated
         tta = bool(meta.get("best", {}).get("tta", False))
-    threshold = unknown_threshold(meta, source)
-    scores = calibration_scores(meta, source) if coverage else None
+    rules = answering.rules_for(meta, source, target_error, delta, coverage, guarantee, pass_share, sets_required)
+    if not ensemble:
+        model = ready(model, meta, torch_device, dtype, rules.novelty is not None, tta)
+    if rules.threshold is None:
+        unknown_threshold(meta, source)  # its warning
+    for line in rules.notes:
+        print(line, file=sys.stderr)
     paths = list_images(inputs)
     k = min(top_k, len(meta["class_names"]))
     width = min(60, max([len(p) for p in paths] + [4]))
-    print(f"{'file':<{width}}  {'answer':<14} top {k} (probability)" + (f"   set ({coverage:g} coverage)" if coverage else ""))
+    print(f"{'file':<{width}}  {'answer':<{ANSWER_WIDTH}} top {k} (probability)"
+          + (f"   set ({rules.coverage:g} coverage)" if rules.coverage else ""))
     started, preds = time.time(), []
-    stream = predict(model, meta, paths, threshold, k, tta, batch_size, torch_device, dtype, scores, coverage)
+    stream = predict(model, meta, paths, rules.threshold, k, tta, batch_size, torch_device, dtype,
+                     quantile=rules.quantile, novelty=rules.novelty)
     for pred in tqdm(stream, total=len(paths), unit="image", disable=not sys.stderr.isatty()):
         tqdm.write(table_line(pred, width))  # keeps the table and the bar apart on a terminal
         preds.append(pred)
     if output is not None:
         header = {"model": source, "classes": meta["class_names"], "input_size": meta["input_size"],
-                  "mean": meta["mean"], "std": meta["std"], "unknown_threshold": threshold,
+                  "mean": meta["mean"], "std": meta["std"],
                   **{key: meta["best"].get(key) for key in ("unknown_target_error", "unknown_delta", "unknown_error_bound")},
-                  "coverage": coverage, "tta": tta}
-        write_output(output, preds, k, header, sets=coverage is not None)
-    print(summary_line(preds, threshold, coverage, time.time() - started) + (f" -> {output}" if output else ""),
+                  **rules.header(), "tta": tta}
+        write_output(output, preds, k, header, sets=rules.coverage is not None, novelty=rules.novelty is not None)
+    print(summary_line(preds, rules.threshold, rules.coverage, time.time() - started) + (f" -> {output}" if output else ""),
           file=sys.stderr)
     return preds
-

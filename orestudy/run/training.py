@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import data, device as devices, environment, files, models
-from . import features
+from . import answering, features
 from ..config import TrainConfig, complete
 from .evaluation import Evaluation, calibration, classification_metrics, evaluate, mixture, per_image, test_metrics
 from .recipe import Recipe, make_ema, make_optimizer, make_recipe, make_scheduler, weights_of
@@ -421,6 +421,10 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
     val, result = with_tta(config.tta, scored(*val_set, False), lambda: scored(*val_set, True))
     outcomes = per_image("val", prep.records["val"], val)
     best.update(calibration(val.probabilities, val.labels, config.unknown_target_error, config.unknown_delta))
+    # what predict needs to answer at any target, set coverage and novelty pass share (run/answering.py)
+    best.update(answering.keep(run.model, prep.records, prep.labels, val.probabilities, run.input_size, run.mean,
+                               run.std, config.data, f"validation split of {config.run_name()}", run.device,
+                               run.dtype, config.batch_size))
     best["tta"] = result["tta"]
     save_best(run, best)
     if config.evaluate_test:

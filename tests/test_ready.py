@@ -1,0 +1,40 @@
+"""The ready model shipped in models/minerals7: small enough for git, with its card, used by predict when no
+--model is given, and right on a few photos of the data set (where ../shared/data/minerals is at hand)."""
+import json
+
+import pytest
+
+from orestudy.commands import predict
+from orestudy.config import default_data_root
+from orestudy.run import prediction, ready
+
+DATA = default_data_root()
+
+
+def test_the_ready_model_is_small_and_has_its_card():
+    folder = ready.READY_DIR
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
+    assert {"best.pt", "README.md", "card.json", "preprocessing.json"} <= set(files)
+    assert sum(files.values()) <= 15e6  # git without LFS
+    card = json.loads((folder / "card.json").read_text())
+    assert card["recipe"].startswith("mobilenet_v2 tl_da") and len(card["figures"]) >= 4
+    assert (ready.DOCS_CARD).read_text().startswith("# The ready model's card")
+    text = (folder / "README.md").read_text()
+    for part in ("## Accuracy", "## Known confusions", "## Answers, sets and their guarantees",
+                 "## Not one of these minerals", "## Licences"):
+        assert part in text
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"the data set is not at {DATA}")
+def test_predict_without_a_model_uses_the_ready_one_and_names_known_photos(capsys):
+    photos = [sorted(p for p in (DATA / name).iterdir())[:2] for name in ("malachite", "pyrite", "quartz")]
+    preds = predict.main([str(p) for pair in photos for p in pair])
+    err = capsys.readouterr().err
+    assert "using the ready model" in err and "minerals7" in err
+    assert len(preds) == 6 and not any(p.error for p in preds)
+    truth = [p.parent.name for pair in photos for p in pair]
+    assert sum(p.top[0][0] == t for p, t in zip(preds, truth)) >= 5  # a 90 % model on 6 photos
+    assert sum(t in p.set for p, t in zip(preds, truth)) >= 5
+    named = [(p.answer, t) for p, t in zip(preds, truth) if p.answer not in (prediction.UNKNOWN, prediction.NOVEL)]
+    assert sum(a == t for a, t in named) >= len(named) - 1
+    assert sum(not p.novel for p in preds) >= 5 and all(len(p.similar) == 3 for p in preds)
