@@ -113,7 +113,8 @@ def test_a_shared_name_means_one_thing(parsers):
 def test_the_mlflow_store_is_runs_and_output_is_never_it(parsers):
     for command, parser in parsers.items():
         options = live(parser)
-        if "--mlflow" in options or "--model" in options:  # logs to MLflow, or resolves runs:/ URIs
+        takes_uris = "--model" in options and "mlflow" in options["--model"].help.lower()
+        if "--mlflow" in options or takes_uris:  # logs to MLflow, or resolves runs:/ URIs
             # runs, or (val, eda, audit) beside what the command writes or the model's own store, as its help says
             assert options["--runs"].default in ("runs", None), command
         for name, action in options.items():

@@ -22,6 +22,8 @@ One vocabulary for every command: a concept has one option name, a name one mean
     --target-error E    the guaranteed "unknown": at most E error among answered photos ...
     --delta D           ... with confidence 1 - D
     --coverage C        prediction sets that hold the true class with probability C
+    --sets G            the sets' guarantee: conditional (coverage >= C with confidence 1 - D over the
+                        calibration draw) or marginal (>= C on average over calibrations)
     --device D          cpu, cuda, cuda:N or auto (CUDA when present); anything else is refused
     --tta               flip test-time augmentation: train chooses it for the run (off, flips, auto);
                         predict overrides the run's choice (--tta, --no-tta)
