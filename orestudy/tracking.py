@@ -66,7 +66,7 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
 
 
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # else the UI opens on GenAI traces
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the kind MLflow shows it as: not GenAI
 
 # A saved view of the runs list (MLflow's "saved views", an experiment tag each): the runs with their
 # scores and what they varied, best test accuracy first. MLflow's default view shows no metric column;

@@ -151,3 +151,11 @@ def test_the_se_block_on_a_frozen_mobilenet_v2_is_decided_equivalent_among_the_s
     row = se_frozen(effects.effects(records, factors=["attention"]))
     assert row["n"] == 10 and row["verdict"] == "equivalent within ±1.5" and row["p_tost_holm"] < 0.05
     assert se_frozen(effects.effects(records))["verdict"] == "no difference shown"
+
+
+def test_a_t_interval_without_spread_is_the_value_and_warns_nothing():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's "precision loss" RuntimeWarning on identical values
+        assert stats.t_interval(np.array([1 / 3, 1 / 3])) == (1 / 3, 1 / 3)

@@ -177,8 +177,11 @@ class Interrupted(KeyboardInterrupt):
     cross-validation, whose folds' runs continue only inside a study)."""
 
     def __init__(self, run_dir: Path | None, epoch: int):
-        super().__init__(f"interrupted after epoch {epoch}")
+        super().__init__(run_dir, epoch)  # its args, so that it pickles (a Ray trial's error travels so)
         self.run_dir, self.epoch = run_dir, epoch
+
+    def __str__(self) -> str:
+        return f"interrupted after epoch {self.epoch}"
 
 
 def unfinished_hint(folder: Path) -> str:

@@ -44,6 +44,8 @@ def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, flo
     """Student's t interval of the mean of values (nan with fewer than two)."""
     if len(values) < 2:
         return float("nan"), float("nan")
+    if np.ptp(values) == 0:  # no spread: the interval is the value (scipy says so with a RuntimeWarning)
+        return float(values[0]), float(values[0])
     ci = scipy.stats.ttest_1samp(values, 0.0).confidence_interval(confidence)
     return float(ci.low), float(ci.high)
 
