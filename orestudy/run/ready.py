@@ -334,9 +334,9 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
         f"of test photos answered, {pct(ans['test_answered_error'])} of them wrong",
         f"95 % sets (conditional): test coverage {pct(sets['conditional']['test_coverage'])}, "
         f"{sets['conditional']['test_mean_size']:.2f} classes on average",
-        f"'not one of these': {pct(nov['test_pass_share'], 0)} of test photos pass; "
-        + (f"an unseen class caught {pct(loco['caught_mean'], 0)} on average (leave one class out)" if loco
-           else f"{pct(nov['generated_caught_share'], 0)} of generated non-mineral pictures caught"),
+        f"'not one of these': {pct(nov['test_pass_share'], 0)} of test photos pass, "
+        f"{pct(nov['generated_caught_share'], 0)} of generated non-mineral pictures are caught"
+        + (f", but an unseen mineral only {pct(loco['caught_mean'], 0)} of the time (leave one class out)" if loco else ""),
     ]
     summary = {"name": NAME, "recipe": recipe_text, "note": note, "figures": figures_short,
                "confusions": [f"{c['pair'][0]} / {c['pair'][1]} ({c['count']} of {c['test_photos']} test photos)" for c in confused],
