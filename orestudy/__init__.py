@@ -58,11 +58,16 @@ def predict(model: Model | str, photos: list[str], top_k: int = 3, tta: bool | N
     one of these" for a photo unlike the training photos, else its class or "unknown" at target_error
     (with confidence 1 - delta), its top classes and probabilities and its prediction set at coverage
     (training-conditional); in fp32, as every answering path."""
+    import itertools
+
+    import torch
+
     from .run import answering, prediction
 
     model = model if isinstance(model, Model) else load_model(model)
     tta = bool(model.meta.get("best", {}).get("tta", False)) if tta is None else tta
-    device = next(model.network.parameters()).device
+    # a frozen TorchScript module (the CPU's inference model) keeps its weights as constants: no parameters
+    device = next(itertools.chain(model.network.parameters(), model.network.buffers()), torch.zeros(0)).device
     rules = answering.rules_for(model.meta, model.source, target_error, delta, coverage)
     network = model.network
     if rules.novelty is not None:  # the network that also gives the features the novelty score reads

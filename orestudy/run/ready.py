@@ -349,7 +349,7 @@ def sanitized(ckpt: dict) -> dict:
     """The checkpoint without this machine's paths: the where-fields at their defaults, data as the default folder."""
     where = {f.name for f in fields(TrainConfig) if f.metadata["role"] == WHERE}
     config = {k: (v if k not in where else defaults()[k]) for k, v in ckpt["config"].items()}
-    config["data"] = "../shared/data/minerals"
+    config["data"], config["cache"] = "../shared/data/minerals", ""
     return {**ckpt, "config": config}
 
 
@@ -389,7 +389,12 @@ def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, 
     prep = exporting.preprocessing(ckpt, "orestudy checkpoint", out / "best.pt")
     prep.update({"output": {"meaning": "the checkpoint's OreClassifier gives logits over class_names; orestudy export "
                                        "--model models/minerals7 writes ONNX or TorchScript"},
-                 "unknown_rule": "orestudy predict computes the threshold at --target-error from best.pt's calibration"})
+                 "unknown_threshold": figures["answers"]["threshold"], "unknown_target_error": figures["answers"]["target_error"],
+                 "unknown_delta": figures["answers"]["delta"],
+                 "unknown_rule": f"answer 'unknown' when the top probability is below unknown_threshold: the error among "
+                                 f"answered photos is then at most {pct(figures['answers']['target_error'], 0)} with confidence "
+                                 f"{1 - figures['answers']['delta']:g}; orestudy predict recomputes it for any --target-error "
+                                 f"from best.pt's calibration photos"})
     prep.pop("input", None)
     (out / "preprocessing.json").write_text(json.dumps(prep, indent=1))
     print(f"{out}: {size_mb:.1f} MB; test accuracy {figures['test']['accuracy']:.3f}", file=sys.stderr)
