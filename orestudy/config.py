@@ -96,13 +96,14 @@ def default_data_root() -> Path:
 
 
 def option(default, help: str, *, choices=None, role: str = COMPUTES, factory=None, parse=None, metavar=None,
-           nargs=None, repeat=False):
+           nargs=None, repeat=False, recorded_if_set=False):
     """A config field with its help text, choices and role as metadata; the rest shapes its command-line
     option (commands.cli.add_options): parse, a function from the option's text to the value (raising
     ValueError with a message); metavar; nargs ("+" or "*") of a list field (a tuple or list default),
-    whose option takes `1,2,3` or `1 2 3`; repeat: a list field's option is given once per value."""
+    whose option takes `1,2,3` or `1 2 3`; repeat: a list field's option is given once per value;
+    recorded_if_set: a trial record leaves the field out at its default (see compact)."""
     meta = {"help": help, "choices": choices, "role": role, "parse": parse, "metavar": metavar,
-            "nargs": nargs, "repeat": repeat}
+            "nargs": nargs, "repeat": repeat, "recorded_if_set": recorded_if_set}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -161,24 +162,24 @@ class TrainConfig:
     lr: float = option(1e-4, "learning rate (of the pretrained backbone; the new layers' is lr x head_lr_mult), "
                              "in (0, 1]")
     optimizer: str = option("adam", "timm's optimizer: adam (the paper's), adamw (decoupled weight decay), sgd "
-                                    "(momentum 0.9, Nesterov)", choices=("adam", "adamw", "sgd"))
-    weight_decay: float = option(0.0, "weight decay, in [0, 1); never on biases and normalization weights")
+                                    "(momentum 0.9, Nesterov)", choices=("adam", "adamw", "sgd"), recorded_if_set=True)
+    weight_decay: float = option(0.0, "weight decay, in [0, 1); never on biases and normalization weights", recorded_if_set=True)
     lr_schedule: str = option("constant", "constant (the paper's) or cosine decay over all epochs (timm's "
-                                          "CosineLRScheduler, stepped per epoch)", choices=("constant", "cosine"))
+                                          "CosineLRScheduler, stepped per epoch)", choices=("constant", "cosine"), recorded_if_set=True)
     warmup_epochs: int = option(0, "the learning rate rises linearly from lr/100 over the first N epochs, "
-                                   "then follows lr_schedule; in [0, epochs)")
+                                   "then follows lr_schedule; in [0, epochs)", recorded_if_set=True)
     head_lr_mult: float = option(1.0, "the new layers' (attention block and head) learning rate is lr x this, "
-                                      "in (0, 1000]: the pretrained backbone moves slower than what starts random")
-    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy targets, in [0, 0.5)")
+                                      "in (0, 1000]: the pretrained backbone moves slower than what starts random", recorded_if_set=True)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy targets, in [0, 0.5)", recorded_if_set=True)
     mixup: float = option(0.0, "mixup alpha (timm's Mixup): each batch is blended with its reverse at a Beta("
                                "alpha, alpha) ratio, at the trainable part's input (images, or the frozen "
-                               "part's cached outputs while it is frozen); 0: off")
+                               "part's cached outputs while it is frozen); 0: off", recorded_if_set=True)
     cutmix: float = option(0.0, "cutmix alpha (timm's Mixup; a batch gets mixup or cutmix at even odds when both "
                                 "are on): a box of the reversed batch is pasted in; spatial inputs only (a "
-                                "pooled cached batch takes mixup); 0: off")
+                                "pooled cached batch takes mixup); 0: off", recorded_if_set=True)
     ema_decay: float = option(0.0, "exponential moving average of the weights (timm's ModelEmaV3), updated every "
                                    "step: what validation selects and the checkpoint keeps; 0: off, else in "
-                                   "[0.5, 1)")
+                                   "[0.5, 1)", recorded_if_set=True)
     batch_size: int = option(32, "training and evaluation batch size")
     dropout: float = option(0.5, "dropout before the last linear layer, in [0, 1)")
     aug_strength: float = option(0.0, "online augmentation on top, in [0, 1] (crops, flips, right-angle "
@@ -333,16 +334,13 @@ def complete(saved: dict) -> dict:
     return {**defaults(), **SAVED_BEFORE, **saved}
 
 
-# The recipe fields (optimizer ... ema_decay) came after every committed study: a record leaves them out
-# at their defaults, so an old record and a new one of the same computation are the same bytes.
-OMITTED_AT_DEFAULT = ("optimizer", "weight_decay", "lr_schedule", "warmup_epochs", "head_lr_mult",
-                      "label_smoothing", "mixup", "cutmix", "ema_decay")
-
-
 def compact(config: dict) -> dict:
-    """config less the OMITTED_AT_DEFAULT fields at their defaults (complete() restores them)."""
+    """config less its recorded_if_set fields at their defaults (complete() restores them): the recipe
+    fields came after every committed study, so an old record and a new one of the same computation are
+    the same bytes."""
     values = defaults()
-    return {k: v for k, v in config.items() if not (k in OMITTED_AT_DEFAULT and v == values[k])}
+    later = {f.name for f in fields(TrainConfig) if f.metadata["recorded_if_set"]}
+    return {k: v for k, v in config.items() if not (k in later and v == values[k])}
 
 
 def fields_with_role(*roles: str) -> tuple[str, ...]:
