@@ -537,17 +537,19 @@ def create_model(name: str, num_classes: int, weights: str = "imagenet", attenti
     return OreClassifier(spec, features, create_attention(attention, channels, reduction), nn.Sequential(*head_layers))
 
 
-def for_inference(module: nn.Module, input_size: int, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+def for_inference(module: nn.Module, input_size: int, device: torch.device, dtype: torch.dtype | None,
+                  example: torch.Tensor | None = None) -> nn.Module:
     """An eval-mode module whose weights no longer change, made fast for forward passes. On the CPU in
     fp32 it is frozen as a TorchScript graph: BatchNorm folded into the convolutions and oneDNN's
     prepacked kernels, the same outputs to ~1e-5. MobileNetV2 on this 2-core CPU: 70 images/s against
     45 eager, 56 eager with BatchNorm folded, 50 torch.compile'd (after a 47 s compile). TorchScript
     is deprecated in favour of torch.compile, which does not match it here yet. Elsewhere (CUDA, bf16
-    autocast) BatchNorm is folded and the module stays eager."""
+    autocast) BatchNorm is folded and the module stays eager. example: an input to trace with, where the
+    module does not take images."""
     module = module.eval()
     if device.type != "cpu" or dtype is not None:
         return fuse(module).to(memory_format=torch.channels_last)
-    example = torch.zeros(1, 3, input_size, input_size)
+    example = torch.zeros(1, 3, input_size, input_size) if example is None else example[:1]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # the deprecation notices
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(module, example)))

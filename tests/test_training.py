@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orestudy import models, tracking
-from orestudy.run import training
+from orestudy.run import features, training
 from orestudy.config import TrainConfig
 from orestudy.run.training import run_experiment
 
@@ -69,6 +69,32 @@ def test_cached_features_match_the_uncached_path(image_folder, tmp_path, attenti
     if precision == "fp32" or res_c["best_epoch"] == res_u["best_epoch"]:
         assert res_c["best_epoch"] == res_u["best_epoch"]
         assert res_c["test_loss"] == pytest.approx(res_u["test_loss"], abs=tolerance)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_unfrozen_stage_is_cached_in_the_whole_backbones_pass(image_folder, tmp_path, precision):
+    """While the whole backbone is frozen, the outputs at the depth the schedule unfreezes to are cached
+    in the same pass: both caches hold what a route that fills each on its own computes, and the later
+    fill computes nothing."""
+    config = tiny_config(image_folder, tmp_path, regime="tl", epochs=3, freeze_epochs=1, freeze_depth=-2,
+                         precision=precision)
+    run = training.build_run(config)
+    assert run.route.stage == run.model.depth - 2
+    samples = run.train_samples
+    alone = features.FrozenRoute(run.model, run.route.images, run.route.input_size, str(tmp_path / "alone"), run.route.cache_key,
+                                 run.device, run.dtype)
+    for route in (run.route, alone):
+        route.eval_batches(run.model.depth, samples, run.train_labels, 8)
+    shared = run.route.caches[run.route.stage]
+    assert shared.fill(samples, compute=None) == 0  # all there: nothing to compute
+    assert len(list(shared.dir.glob("shard-*.pt"))) == 1
+    alone.eval_batches(run.route.stage, samples, run.train_labels, 8)
+    for depth in (run.model.depth, run.route.stage):
+        a, b = run.route.caches[depth].batch(samples), alone.caches[depth].batch(samples)
+        assert a.shape == b.shape and a.abs().max() > 0.1
+        assert (a - b).abs().max() <= (1e-3 if precision == "fp32" else 3e-2) * a.abs().max()
+    run.route.keep_only(run.route.stage)
+    assert list(run.route.caches) == [run.route.stage]
 
 
 @pytest.mark.slow

@@ -53,6 +53,7 @@ class FeatureCache:
             (self.dir / "key.json").write_text(json.dumps(backbone_key, indent=1, sort_keys=True))
         self.memory: dict[tuple[str, str], torch.Tensor] = {}
         self.seen: set[str] = set()  # shards already read
+        self.pending: list[tuple[str, str]] = []  # added, not yet written
 
     def _read_shards(self) -> None:
         """Entries of the shards written since the last look, by this process or a concurrent one; a
@@ -88,6 +89,20 @@ class FeatureCache:
             self._write_shard(list(missing))
         return len(unique)
 
+    def add(self, samples, feats: torch.Tensor) -> None:
+        """Entries computed on the way to another cache's (FrozenRoute.stage); written by flush()."""
+        if self.dir:
+            self._read_shards()
+        for (rec, view), f in zip(samples, feats):
+            if (rec.sha256, view) not in self.memory:
+                self.memory[(rec.sha256, view)] = f.to(torch.float16).contiguous()
+                self.pending.append((rec.sha256, view))
+
+    def flush(self) -> None:
+        if self.dir and self.pending:
+            self._write_shard(self.pending)
+        self.pending = []
+
     def _write_shard(self, keys: list[tuple[str, str]]) -> None:
         name = f"shard-{uuid.uuid4().hex}.pt"  # of this fill alone: concurrent trials never share a name
         with files.replaced(self.dir / name) as tmp:  # a concurrent reader sees no shard or the whole shard
@@ -116,46 +131,69 @@ class FrozenRoute:
     batches go through the whole model."""
 
     def __init__(self, model: models.OreClassifier, images, input_size: int, cache_root: str, cache_key: dict,
-                 device: torch.device, dtype, enabled: bool = True, progress: bool = False):
+                 device: torch.device, dtype, enabled: bool = True, progress: bool = False, stage: int = 0):
         self.model, self.images, self.input_size = model, images, input_size
+        # The depth the schedule unfreezes to once the whole backbone has been frozen. While the whole
+        # backbone's outputs are computed, the outputs at this depth pass by on the way: they are cached
+        # in the same pass, which saves the second pass through the backbone (about a third of a cache
+        # fill; decoding and augmenting the views is the rest).
+        self.stage = stage if 0 < stage < model.depth else 0
         self.cache_root, self.cache_key, self.enabled = cache_root or None, cache_key, enabled
         self.device, self.dtype, self.progress = device, dtype, progress
         self.caches: dict[int, FeatureCache] = {}
-        self.inference: dict[int, torch.nn.Module] = {}  # made at the first cache miss; frozen weights never change
+        # (start, depth) -> inference copy, made at the first cache miss; frozen weights never change
+        self.inference: dict[tuple[int, int], torch.nn.Module] = {}
 
     def uses_cache(self, depth: int) -> bool:
         return bool(depth) and self.enabled
 
     def keep_only(self, depth: int) -> None:
-        """Other depths' outputs are done with (a schedule only ever unfreezes)."""
-        self.caches = {d: c for d, c in self.caches.items() if d == depth}
+        """Other depths' outputs are done with (a schedule only ever unfreezes), but for the stage's
+        while the whole backbone is still frozen."""
+        self.caches = {d: c for d, c in self.caches.items() if d == depth or self.stage == d < depth}
 
-    def _part(self, depth: int) -> torch.nn.Module:
-        if depth not in self.inference:
-            self.inference[depth] = models.for_inference(self.model.frozen_part(depth), self.input_size,
-                                                         self.device, self.dtype)
-        return self.inference[depth]
+    def _part(self, depth: int, start: int = 0, example: torch.Tensor | None = None) -> torch.nn.Module:
+        """An inference copy of the backbone's modules start..depth (example: an input of theirs)."""
+        if (start, depth) not in self.inference:
+            part = self.model.frozen_part(depth)
+            self.inference[start, depth] = models.for_inference(part[start:] if start else part, self.input_size,
+                                                                self.device, self.dtype, example)
+        return self.inference[start, depth]
 
     def _route(self, depth: int):
         """(cache of the frozen part's outputs, how to compute missing ones, the model's forward from them)."""
         pooled = depth >= self.model.depth and self.model.pools_first
         if depth not in self.caches:
             self.caches[depth] = FeatureCache(self.cache_root, {**self.cache_key, "depth": depth, "pooled": pooled})
+        stage = self.stage if self.stage < depth and self.enabled else 0
+        if stage:
+            self._route(stage)
 
         @torch.no_grad()
         def compute(samples):
             with autocast(self.device, self.dtype):
-                out = self._part(depth)(to_device(self.images(samples), self.device)).float()
+                out = to_device(self.images(samples), self.device)
+                if stage:  # through the stage's depth, kept, and on from there
+                    out = self._part(stage)(out)
+                    self.caches[stage].add(samples, out.float().cpu())
+                out = self._part(depth, stage, out)(out).float()
             return (out.mean((2, 3)) if pooled else out).cpu()
         forward = self.model.forward_pooled if pooled else functools.partial(self.model.forward_from, depth)
         return self.caches[depth], compute, forward
+
+    def _fill(self, depth: int, samples):
+        """(the cache holding every sample's frozen outputs at depth, the model's forward from them)."""
+        cache, compute, forward = self._route(depth)
+        cache.fill(samples, compute, self.progress)
+        if self.stage in self.caches:
+            self.caches[self.stage].flush()
+        return cache, forward
 
     def eval_batches(self, depth: int, samples, labels, batch_size: int):
         """(forward, batches) that evaluate samples with the backbone frozen below depth."""
         if not self.uses_cache(depth):
             return self.model, batches(samples, labels, batch_size, self.images)
-        cache, compute, forward = self._route(depth)
-        cache.fill(samples, compute, self.progress)
+        cache, forward = self._fill(depth, samples)
         return forward, batches(samples, labels, batch_size, cache.batch)
 
     def train_batches(self, depth: int, samples, labels, batch_size: int, generator: torch.Generator,
@@ -164,12 +202,11 @@ class FrozenRoute:
         while cached, each sample draws one of a fixed bank of online views per epoch."""
         if not self.uses_cache(depth):
             return self.model, batches(samples, labels, batch_size, lambda smp: self.images(smp, online), generator)
-        cache, compute, forward = self._route(depth)
         if online is not None:
             draws = torch.randint(bank, (len(samples),), generator=generator).tolist()
             epoch_samples = [(r, f"{v}+online{k}") for (r, v), k in zip(samples, draws)]
             needed = [(r, f"{v}+online{k}") for r, v in samples for k in range(bank)]
         else:
             epoch_samples = needed = samples
-        cache.fill(needed, compute, self.progress)
+        cache, forward = self._fill(depth, needed)
         return forward, batches(epoch_samples, labels, batch_size, cache.batch, generator)

@@ -152,9 +152,7 @@ class Run:
 
     def depth(self, epoch: int) -> int:
         """How much of the backbone is frozen in this epoch: all of it for the first freeze_epochs."""
-        if epoch <= self.config.freeze_epochs:
-            return self.model.depth
-        return self.config.freeze_depth if self.config.freeze_depth >= 0 else self.model.depth + self.config.freeze_depth
+        return self.model.depth if epoch <= self.config.freeze_epochs else unfrozen_depth(self.config, self.model.depth)
 
     def judged(self):
         """The model holding the weights validation judges and checkpoints keep (recipe.weights_of)."""
@@ -191,6 +189,11 @@ def unfinished_hint(folder: Path) -> str:
     if (folder / LAST).exists():
         return f"; it is an unfinished run: `orestudy train --resume {folder}` continues it"
     return f"; its run finished no epoch: `orestudy train --resume {folder}` restarts it"
+
+
+def unfrozen_depth(config: TrainConfig, backbone_depth: int) -> int:
+    """How much of the backbone stays frozen after the first freeze_epochs (negative: all but the last)."""
+    return config.freeze_depth if config.freeze_depth >= 0 else backbone_depth + config.freeze_depth
 
 
 def claim_run_dir(config: TrainConfig) -> Path:
@@ -254,8 +257,8 @@ def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
     cache_key = {"backbone": spec.name, "weights": config.weights, "input_size": size, "mean": mean,
                  "std": std, "precision": str(dtype), "seed": config.seed if config.weights == "none" else None,
                  "view_seed": config.seed, "strength": s}
-    route = features.FrozenRoute(model, images, size, config.cache, cache_key, device, dtype,
-                                 config.cache_features, progress)
+    route = features.FrozenRoute(model, images, size, config.cache, cache_key, device, dtype, config.cache_features,
+                                 progress, stage=unfrozen_depth(config, model.depth) * (config.epochs > config.freeze_epochs))
     views = data.PAPER_VIEWS if config.static_da else ("identity",)
     return Run(config, run_dir, device, dtype, threads, prep, size, mean, std, model, optimizer,
                make_scheduler(optimizer, config), make_recipe(config, len(prep.class_names)), make_ema(model, config),
