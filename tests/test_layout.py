@@ -100,3 +100,11 @@ def test_the_api_loads_no_torch():
     code = "import sys, orestudy; print(orestudy.TrainConfig().backbone, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["mobilenet_v2", "False"]
+
+
+def test_every_function_fits_in_one_sitting():
+    """No function or method over 60 lines (the house rule): a longer one is split by what it does."""
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in modules().values() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, long

@@ -233,22 +233,22 @@ def pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f} %"
 
 
-def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], ckpt: dict, size_mb: float,
-         note: str = "") -> tuple[str, dict]:
-    """(README.md, card.json) of the ready model."""
-    classes, test, ans, sets, nov = figures["classes"], figures["test"], figures["answers"], figures["sets"], figures["novelty"]
-    accuracies = [r["metrics"]["accuracy"] for r in seeds]
-    spread = interval(accuracies) if len(accuracies) > 1 else None
-    seeds_line = (f"{spread['mean']:.3f} ± {spread['std']:.3f} over seeds {', '.join(str(r['config']['seed']) for r in seeds)} "
-                  f"(95 % t interval {spread['low']:.3f}–{spread['high']:.3f}; n = {spread['n']}; records: "
-                  f"{', '.join(sorted({r['file'] for r in seeds}))})" if spread else "no committed seed records of this recipe yet")
-    loco = loco_summary()
-    recipe_text = recipe_name(config)
-    five = ans["at_5_percent"]
-    lines = [
+def seeds_line(seeds: list[dict]) -> str:
+    spread = interval([r["metrics"]["accuracy"] for r in seeds]) if len(seeds) > 1 else None
+    if not spread:
+        return "no committed seed records of this recipe yet"
+    return (f"{spread['mean']:.3f} ± {spread['std']:.3f} over seeds {', '.join(str(r['config']['seed']) for r in seeds)} "
+            f"(95 % t interval {spread['low']:.3f}–{spread['high']:.3f}; n = {spread['n']}; records: "
+            f"{', '.join(sorted({r['file'] for r in seeds}))})")
+
+
+def opening_lines(config: dict, figures: dict, size_mb: float, note: str) -> list[str]:
+    """The card's title, what the model is, the note on it, and its data and split."""
+    test = figures["test"]
+    return [
         f"# The ready model: {NAME}",
         "",
-        f"**{recipe_text}**: "
+        f"**{recipe_name(config)}**: "
         + ("an interim stand-in for the recipe the study has decided on so far (see the note), trained on" if note else
            "the recipe the study has decided on so far (`orestudy train`'s defaults), trained on"),
         "the published data, in fp32. `orestudy predict photo.jpg` and `orestudy serve` use it when no `--model` is",
@@ -258,15 +258,21 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
           if ":" in note else []),
         "## Data and split",
         "",
-        f"The Minerals Identification data set (Kaggle `asiedubrempong/minerals-identification-dataset`, folder",
-        f"`minet/`; 852 photos of 7 minerals as in `../shared/data/README.md`): {', '.join(classes)}. Split by",
+        "The Minerals Identification data set (Kaggle `asiedubrempong/minerals-identification-dataset`, folder",
+        f"`minet/`; 852 photos of 7 minerals as in `../shared/data/README.md`): {', '.join(figures['classes'])}. Split by",
         f"{config['split_method']} at seed {config['seed']} (60/20/20 by class): {figures['n']['train']} training, "
         f"{figures['n']['val']} validation, {test['n']} test photos. No photo is shipped here.",
         "",
+    ]
+
+
+def accuracy_lines(test: dict, seeds: list[dict], confused: list[dict]) -> list[str]:
+    """This model's test accuracy per class, the recipe's over seeds, and the pairs it confuses."""
+    return [
         "## Accuracy",
         "",
         f"- This model, its test split (n = {test['n']}): accuracy **{test['accuracy']:.3f}**, macro-F1 {test['macro_f1']:.3f}.",
-        f"- The recipe over seeds (test accuracy, one split and training seed each): **{seeds_line}**.",
+        f"- The recipe over seeds (test accuracy, one split and training seed each): **{seeds_line(seeds)}**.",
         "",
         "| class | recall | precision | test photos |",
         "|---|---|---|---|",
@@ -280,6 +286,13 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
         *[f"- {c['pair'][0]} / {c['pair'][1]}: {c['count']} ({c['a_as_b']} {c['pair'][0]} named {c['pair'][1]}, "
           f"{c['b_as_a']} the other way)" for c in confused],
         "",
+    ]
+
+
+def answer_lines(ans: dict, sets: dict, n_test: int) -> list[str]:
+    """The answers at the default target and at 5 %, and the prediction sets' coverage."""
+    five = ans["at_5_percent"]
+    return [
         "## Answers, sets and their guarantees",
         "",
         f"Calibration: the {ans['calibration_photos']} validation photos' softmax, kept in best.pt "
@@ -287,15 +300,21 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
         "",
         f"- At the default target (error ≤ {pct(ans['target_error'], 0)} with confidence {1 - ans['delta']:g}): threshold "
         f"{ans['threshold']:.3f}; answers {pct(ans['calibration_answered_share'], 0)} of the calibration photos; on the "
-        f"test split it answered {ans['test_answered']} of {test['n']} photos ({pct(ans['test_answered_share'])}) at "
+        f"test split it answered {ans['test_answered']} of {n_test} photos ({pct(ans['test_answered_share'])}) at "
         f"{pct(ans['test_answered_error'])} error.",
-        f"- At 5 %: " + (f"certified, answering {pct(five['test_answered_share'])} of the test photos." if five["certified"] else
-                        f"not certified; the smallest certifiable target is {pct(five['smallest'])} ({five['limit']} limits it: "
-                        f"an error-free model could certify {pct(five['floor'])} with {ans['calibration_photos']} photos)."),
+        "- At 5 %: " + (f"certified, answering {pct(five['test_answered_share'])} of the test photos." if five["certified"] else
+                       f"not certified; the smallest certifiable target is {pct(five['smallest'])} ({five['limit']} limits it: "
+                       f"an error-free model could certify {pct(five['floor'])} with {ans['calibration_photos']} photos)."),
         f"- 95 % prediction sets on the test split: training-conditional (δ = 0.1, the default) cover "
         f"{pct(sets['conditional']['test_coverage'])} with {sets['conditional']['test_mean_size']:.2f} classes on average; "
         f"marginal cover {pct(sets['marginal']['test_coverage'])} with {sets['marginal']['test_mean_size']:.2f}.",
         "",
+    ]
+
+
+def novelty_lines(nov: dict, loco: dict | None) -> list[str]:
+    """How photos of no known mineral are caught: generated pictures, and each class left out in turn."""
+    lines = [
         "## Not one of these minerals",
         "",
         f"Deep nearest neighbours (k = {nov['k']}) on the penultimate features, the bank the {nov['bank_photos']} training "
@@ -311,23 +330,33 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
                   f"AUROC {loco['auroc_mean']:.3f} on average over the 7 classes (min {loco['auroc_min']:.3f}, "
                   f"{loco['worst_class']}); at the 95 % pass threshold {pct(loco['caught_mean'])} of an unseen class is "
                   f"caught on average."]
-    lines += [
-        "",
-        "## Licences",
-        "",
-        "- Starting weights: torchvision's MobileNetV2 `IMAGENET1K_V1` (torchvision, BSD-3-Clause), trained on",
-        "  ImageNet-1k, whose terms allow non-commercial research and education; check them before commercial use.",
-        "- Data: the Minerals Identification data set as published on Kaggle (see its page for its terms); no photo",
-        "  of it is in this folder.",
-        "",
-        "## Files",
-        "",
-        "- `best.pt`: the checkpoint orestudy loads (weights, preprocessing, calibration, novelty bank).",
-        "- `preprocessing.json`: how to feed the network without orestudy (resize, crop, mean/std, classes).",
-        "- `card.json`: these figures, as the page shows them.",
-        "",
-    ]
-    figures_short = [
+    return lines + [""]
+
+
+CLOSING_LINES = [
+    "## Licences",
+    "",
+    "- Starting weights: torchvision's MobileNetV2 `IMAGENET1K_V1` (torchvision, BSD-3-Clause), trained on",
+    "  ImageNet-1k, whose terms allow non-commercial research and education; check them before commercial use.",
+    "- Data: the Minerals Identification data set as published on Kaggle (see its page for its terms); no photo",
+    "  of it is in this folder.",
+    "",
+    "## Files",
+    "",
+    "- `best.pt`: the checkpoint orestudy loads (weights, preprocessing, calibration, novelty bank).",
+    "- `preprocessing.json`: how to feed the network without orestudy (resize, crop, mean/std, classes).",
+    "- `card.json`: these figures, as the page shows them.",
+    "",
+]
+
+
+def card_summary(config: dict, figures: dict, seeds: list[dict], confused: list[dict], loco: dict | None,
+                 size_mb: float, note: str) -> dict:
+    """card.json: the figures the page and `orestudy serve` show in short, and all of them measured."""
+    test, ans, sets, nov = figures["test"], figures["answers"], figures["sets"], figures["novelty"]
+    accuracies = [r["metrics"]["accuracy"] for r in seeds]
+    spread = interval(accuracies) if len(accuracies) > 1 else None
+    short = [
         f"test accuracy {test['accuracy']:.3f} on {test['n']} photos; the recipe over seeds: "
         + (f"{spread['mean']:.3f} ± {spread['std']:.3f} (n = {spread['n']})" if spread else "no records"),
         f"answers at ≤ {pct(ans['target_error'], 0)} error (confidence {1 - ans['delta']:g}): {pct(ans['test_answered_share'], 0)} "
@@ -338,11 +367,20 @@ def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], c
         f"{pct(nov['generated_caught_share'], 0)} of generated non-mineral pictures are caught"
         + (f", but an unseen mineral only {pct(loco['caught_mean'], 0)} of the time (leave one class out)" if loco else ""),
     ]
-    summary = {"name": NAME, "recipe": recipe_text, "note": note, "figures": figures_short,
-               "confusions": [f"{c['pair'][0]} / {c['pair'][1]} ({c['count']} of {c['test_photos']} test photos)" for c in confused],
-               "card_url": "models/minerals7/README.md", "seeds": accuracies, "measured": figures,
-               "loco": loco, "size_mb": size_mb}
-    return "\n".join(lines), summary
+    return {"name": NAME, "recipe": recipe_name(config), "note": note, "figures": short,
+            "confusions": [f"{c['pair'][0]} / {c['pair'][1]} ({c['count']} of {c['test_photos']} test photos)" for c in confused],
+            "card_url": "models/minerals7/README.md", "seeds": accuracies, "measured": figures,
+            "loco": loco, "size_mb": size_mb}
+
+
+def card(config: dict, figures: dict, seeds: list[dict], confused: list[dict], size_mb: float,
+         note: str = "") -> tuple[str, dict]:
+    """(README.md, card.json) of the ready model."""
+    loco = loco_summary()
+    lines = (opening_lines(config, figures, size_mb, note) + accuracy_lines(figures["test"], seeds, confused)
+             + answer_lines(figures["answers"], figures["sets"], figures["test"]["n"]) + novelty_lines(figures["novelty"], loco)
+             + CLOSING_LINES)
+    return "\n".join(lines), card_summary(config, figures, seeds, confused, loco, size_mb, note)
 
 
 def sanitized(ckpt: dict) -> dict:
@@ -379,7 +417,7 @@ def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, 
     torch.save(sanitized(ckpt), out / "best.pt")
     size_mb = (out / "best.pt").stat().st_size / 1e6
     seeds = seed_records(ckpt["config"])
-    readme, summary = card(ckpt["config"], figures, seeds, confusions(seeds, ckpt["class_names"]), ckpt, size_mb, note)
+    readme, summary = card(ckpt["config"], figures, seeds, confusions(seeds, ckpt["class_names"]), size_mb, note)
     (out / "README.md").write_text(readme)
     if docs is not None:  # the same card on the documentation site, its links from there
         docs.parent.mkdir(parents=True, exist_ok=True)
