@@ -281,3 +281,46 @@ def test_a_target_chosen_at_predict_time_is_the_threshold_training_would_have_st
     assert "target error 5 % cannot be certified" in err and "the smallest this model can certify is" in err
     assert "calibration size" in err and all(p.answer in (prediction.UNKNOWN, prediction.NOVEL) for p in preds)
     assert all(p.top and p.set for p in preds)  # classes and sets still given
+
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
+def test_an_exported_file_answers_as_its_checkpoint(trained, tmp_path, fmt, suffix, capsys):
+    """predict --model model.onnx (with the JSON export wrote): the checkpoint's answers, sets and
+    probabilities, at any --target-error (the JSON keeps the calibration); no novelty bank, said once."""
+    from orestudy.commands import export
+    from orestudy.run import serving
+
+    folder, run_dir = trained
+    file, _ = export.main(["--model", str(run_dir), "--format", fmt, "--output", str(tmp_path / f"m{suffix}")])
+    photos = [str(folder)]
+    for target in (0.10, 0.30):
+        ours = predict.main([*photos, "--model", str(run_dir), "--target-error", str(target), "--novelty-pass", "0.999999"])
+        theirs = predict.main([*photos, "--model", str(file), "--target-error", str(target),
+                               "--output", str(tmp_path / "p.csv")])
+        assert [p.answer for p in theirs] == [p.answer for p in ours]
+        assert [p.set for p in theirs] == [p.set for p in ours]
+        np.testing.assert_allclose([q for p in theirs for _, q in p.top], [q for p in ours for _, q in p.top], atol=1e-4)
+    assert "an exported file" in capsys.readouterr().err  # the novelty note
+    assert len(list(csv.reader((tmp_path / "p.csv").open()))) == len(theirs) + 1
+    with pytest.raises(SystemExit):
+        predict.main([*photos, "--model", str(file), "--tta"])
+    assert "exported file" in capsys.readouterr().err.strip().splitlines()[-1]
+    asked = serving.Asker(serving.Settings(str(file))).ask((folder / "azurite" / "azurite_0.png").read_bytes(), "a.png")
+    assert asked["heatmap"] is None and asked["answer"] == theirs[0].answer
+
+
+def test_a_file_name_that_is_not_utf8_is_written_to_csv_and_json(trained, tmp_path):
+    """The CSV holds the name's own bytes (so its path opens the file); the JSON escapes them."""
+    import os
+
+    folder, run_dir = trained
+    odd = os.fsencode(tmp_path) + b"/bad\xff\xfename.png"
+    with open(odd, "wb") as f:
+        f.write((folder / "azurite" / "azurite_0.png").read_bytes())
+    for suffix in (".csv", ".json"):
+        out = tmp_path / f"out{suffix}"
+        (pred,) = predict.main([os.fsdecode(odd), "--model", str(run_dir), "--output", str(out)])
+        assert not pred.error and pred.answer
+    row = (tmp_path / "out.csv").read_bytes().splitlines()[1]
+    assert row.startswith(odd + b",") and os.path.isfile(row.split(b",")[0])
+    assert json.loads((tmp_path / "out.json").read_text())["predictions"][0]["path"] == os.fsdecode(odd)

@@ -4,8 +4,9 @@
     orestudy predict --model runs/<run name> --target-error 0.05 --output predictions.csv folder/
     orestudy predict --model runs:/<mlflow run id> --top-k 3 --tta folder/
 
-The model is a run folder, its best.pt, or an MLflow URI (runs:/<id>, models:/<name>/<version>), whose
-best.pt is fetched; without --model, the ready model shipped in models/ (it says so). Preprocessing
+The model is a run folder, its best.pt, an exported file with its JSON (model.onnx: answers, sets and
+the target error as from the checkpoint; no novelty bank, so no "not one of these"), or an MLflow URI
+(runs:/<id>, models:/<name>/<version>), whose best.pt is fetched; without --model, the ready model shipped in models/ (it says so). Preprocessing
 (input size, resize, centre crop, mean/std) comes from the checkpoint, exactly as in validation.
 
 Each photo gets, in this order:
@@ -33,7 +34,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(prog=cli.prog("predict"), description=__doc__)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (read recursively)")
     parser.add_argument("--model", metavar="RUN_OR_CHECKPOINT",
-                        help="run folder, checkpoint file, or MLflow URI (runs:/<id>, models:/<name>/<version>); "
+                        help="run folder, checkpoint file, exported file (model.onnx with its model.onnx.json, from "
+                             "orestudy export), or MLflow URI (runs:/<id>, models:/<name>/<version>); "
                              "default: the ready model in models/ (its card: models/minerals7/README.md)")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per photo, most likely first")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,

@@ -20,7 +20,8 @@ from . import cli
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=cli.prog("serve"), description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--model", metavar="RUN_OR_CHECKPOINT",
-                        help="run folder or checkpoint file; default: the ready model in models/ (its card: "
+                        help="run folder, checkpoint file or exported file (model.onnx with its JSON: no heat maps "
+                             "or nearest photos); default: the ready model in models/ (its card: "
                              "models/minerals7/README.md)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 shows the page to the whole network (no login!)")

@@ -2,7 +2,10 @@
 beside it that states everything needed to feed it.
 
 The exported graph takes a float32 NCHW batch (any batch size) of images already preprocessed as in
-validation, and returns softmax probabilities over the checkpoint's classes, in order.
+validation, and returns softmax probabilities over the checkpoint's classes, in order: averaged over
+flips where the run chose test-time flips, so that it computes what the "unknown" threshold and the
+prediction sets were calibrated on. The JSON keeps that calibration, so `orestudy predict --model
+model.onnx` answers at any --target-error as it does from the checkpoint (prediction.load_exported).
 """
 from __future__ import annotations
 
@@ -32,8 +35,10 @@ class Probabilities(nn.Module):
 
 
 def preprocessing(meta: dict, fmt: str, file: Path) -> dict:
-    """The JSON beside the file: what prediction.eval_input and data.normalize do, in words and numbers."""
-    size = meta["input_size"]
+    """The JSON beside the file: what prediction.eval_input and data.normalize do, in words and numbers,
+    and the calibration the answers come from."""
+    size, best = meta["input_size"], meta.get("best", {})
+    calibration = best.get("calibration")
     return {
         "file": file.name, "format": fmt, **({"opset": OPSET} if fmt == "onnx" else {}),
         "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
@@ -50,8 +55,12 @@ def preprocessing(meta: dict, fmt: str, file: Path) -> dict:
         ],
         "resize_shorter_side": data.base_size(size), "centre_crop": size, "value_range": [0.0, 1.0],
         "mean": meta["mean"], "std": meta["std"], "class_names": meta["class_names"],
-        "unknown_threshold": meta["best"].get("unknown_threshold"),
+        "flips": bool(best.get("tta", False)),
+        "unknown_threshold": best.get("unknown_threshold"),
         "unknown_rule": "answer 'unknown' when the top probability is below unknown_threshold (null: never)",
+        **{k: best[k] for k in ("unknown_target_error", "unknown_delta", "unknown_error_bound") if k in best},
+        **({"calibration": {k: v.tolist() if hasattr(v, "tolist") else v for k, v in calibration.items()}}
+           if calibration else {}),
     }
 
 
@@ -64,7 +73,7 @@ def export(source: str, fmt: str, output: Path | None = None) -> tuple[Path, Pat
     model, meta = models.load_checkpoint(checkpoint)
     output = output or checkpoint.parent / ("model.onnx" if fmt == "onnx" else "model_torchscript.pt")
     output.parent.mkdir(parents=True, exist_ok=True)
-    net = Probabilities(model).eval()
+    net = Probabilities(models.Flipped(model) if meta["best"].get("tta") else model).eval()
     example = torch.zeros(2, 3, meta["input_size"], meta["input_size"])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # both paths are TorchScript's

@@ -163,7 +163,7 @@ def fit(train_features: np.ndarray, train_labels, train_photos: list[str], train
 
 def note(novelty: Novelty | None, classes: int) -> str:
     if novelty is None:
-        return ("no novelty score stored (the checkpoint predates it, or is an ensemble): a photo of something "
+        return ("no novelty score stored (the checkpoint predates it, or is an ensemble or an exported file): a photo of something "
                 f"else is named as one of the {classes} classes")
     if math.isinf(novelty.threshold):
         return (f"'{NOVEL}' is never said: {len(novelty.val_scores)} validation photos are too few to set a threshold "

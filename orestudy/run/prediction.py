@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .. import data, models
+from .. import data, files, models
 from . import answering, ensembling, novelty as novelty_scores
 from .evaluation import NO_ANSWER, infer
 
@@ -68,15 +69,60 @@ def load_eager(source: str, device: torch.device = torch.device("cpu")) -> tuple
         raise CheckpointError(f"{path} is not a readable orestudy checkpoint ({type(err).__name__}: {reason})") from err
 
 
+def exported_description(source: str) -> Path | None:
+    """The JSON orestudy export wrote beside an exported file (model.onnx.json), or None."""
+    described = Path(f"{source}.json")
+    return described if Path(source).is_file() and described.is_file() else None
+
+
+class Exported(torch.nn.Module):
+    """An exported file (ONNX through onnxruntime, or TorchScript) as a model: it outputs the log of the
+    file's probabilities, whose softmax gives them back, so it takes the checkpoint's path through
+    predict. Its flips, if any, are inside the graph (exporting.py); it runs in fp32 on the CPU."""
+
+    def __init__(self, file: Path, fmt: str):
+        super().__init__()
+        if fmt == "onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+            self.run = lambda x: torch.from_numpy(session.run(None, {"input": x.float().cpu().numpy()})[0])
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+                self.run = torch.jit.load(str(file), map_location="cpu").eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x.float().cpu()).float().clamp_min(1e-30).log()
+
+
+def load_exported(source: str) -> tuple[Exported, dict]:
+    """(the exported file as a model, metadata in a checkpoint's shape) from the file and its JSON."""
+    described = json.loads(exported_description(source).read_text())
+    keys = ("unknown_threshold", "unknown_target_error", "unknown_delta", "unknown_error_bound", "calibration")
+    meta = {"backbone": f"exported {described['format']}", "class_names": described["class_names"],
+            "input_size": described["centre_crop"], "mean": described["mean"], "std": described["std"],
+            "exported": {"file": source, "flips": described.get("flips", False)},
+            "best": {k: described[k] for k in keys if described.get(k) is not None}}
+    try:
+        return Exported(Path(source), described["format"]).eval(), meta
+    except Exception as err:  # onnxruntime and torch.jit raise many types for a damaged file
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{source} is not a readable exported model ({type(err).__name__}: {reason})") from err
+
+
 def load_model(source: str, device: torch.device = torch.device("cpu"),
                dtype: torch.dtype | None = None, features: bool = False,
                flips: bool = False) -> tuple[torch.nn.Module, dict]:
     """(model ready for inference, checkpoint metadata): see models.for_inference. An ensemble's folder
-    (orestudy ensemble) gives its members' weighted mean. features: the model outputs [logits |
+    (orestudy ensemble) gives its members' weighted mean; an exported file with its JSON (orestudy
+    export) runs through onnxruntime or TorchScript. features: the model outputs [logits |
     penultimate features] (novelty.WithFeatures; flips averages the logits over flips as --tta does),
     where the checkpoint keeps a novelty score (meta['best']['novelty']); ensembles never do."""
     if ensembling.is_ensemble(source):
         return ensembling.load_ensemble(source, device, dtype)
+    if exported_description(source):
+        return load_exported(source)
     model, meta = load_eager(source, device)
     return ready(model, meta, device, dtype, features and "novelty" in meta["best"], flips), meta
 
@@ -206,9 +252,11 @@ def write_output(path: Path, preds: list[Prediction], k: int, header: dict, sets
                  **({"set": p.set} if sets else {}),
                  **({"novelty": None if p.error else p.novelty, "novel": p.novel, "similar": p.similar} if novelty else {}),
                  "top_k": [{"class": c, "probability": q} for c, q in p.top], "error": p.error} for p in preds]
-        path.write_text(json.dumps({**header, "predictions": rows}, indent=1))
+        files.write_json_atomic(path, {**header, "predictions": rows}, indent=1)  # odd name bytes as \udcXX
         return
-    with path.open("w", newline="") as f:
+    # A file name that is not UTF-8 is written as its own bytes (surrogateescape), so the path in the
+    # CSV opens the file it names; whole or not at all (files.replaced).
+    with files.replaced(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "answer", "confidence", *(["set"] if sets else []), *(["novelty"] if novelty else []),
                          *[f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "p")], "error"])
@@ -260,8 +308,14 @@ def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | No
         tracking.use_store(runs)
     devices.set_threads(threads)
     torch_device = devices.pick_device(device)
-    ensemble = ensembling.is_ensemble(source)
-    if ensemble:
+    ensemble, exported = ensembling.is_ensemble(source), exported_description(source) is not None
+    if exported:
+        if precision == "bf16" or tta is not None:
+            raise ValueError(f"{source} is an exported file: it runs in fp32 on the CPU, with the flips it was "
+                             f"exported with; leave out --precision bf16 and --tta / --no-tta")
+        model, meta = load_exported(source)
+        dtype, torch_device, tta = None, torch.device("cpu"), False
+    elif ensemble:
         dtype = devices.pick_precision(precision, torch_device)
         model, meta = load_model(source, torch_device, dtype)
     else:
@@ -273,7 +327,7 @@ def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | No
     if tta is None:  # as the run was evaluated, and its threshold and sets calibrated
         tta = bool(meta.get("best", {}).get("tta", False))
     rules = answering.rules_for(meta, source, target_error, delta, coverage, guarantee, pass_share, sets_required)
-    if not ensemble:
+    if not ensemble and not exported:
         model = ready(model, meta, torch_device, dtype, rules.novelty is not None, tta)
     if rules.threshold is None:
         unknown_threshold(meta, source)  # its warning
@@ -294,7 +348,7 @@ def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | No
         header = {"model": source, "classes": meta["class_names"], "input_size": meta["input_size"],
                   "mean": meta["mean"], "std": meta["std"],
                   **{key: meta["best"].get(key) for key in ("unknown_target_error", "unknown_delta", "unknown_error_bound")},
-                  **rules.header(), "tta": tta}
+                  **rules.header(), "tta": meta["exported"]["flips"] if exported else tta}
         write_output(output, preds, k, header, sets=rules.coverage is not None, novelty=rules.novelty is not None)
     print(summary_line(preds, rules.threshold, rules.coverage, time.time() - started) + (f" -> {output}" if output else ""),
           file=sys.stderr)

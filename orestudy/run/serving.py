@@ -54,12 +54,16 @@ class Asker:
 
         devices.set_threads(settings.threads)
         self.settings = settings
-        self.eager, self.meta = prediction.load_eager(settings.source)
-        self.tta = bool(self.meta["best"].get("tta", False))
+        if prediction.exported_description(settings.source):  # no gradients: answers without heat maps
+            self.eager, (self.model, self.meta) = None, prediction.load_exported(settings.source)
+        else:
+            self.eager, self.meta = prediction.load_eager(settings.source)
+        self.tta = bool(self.meta["best"].get("tta", False))  # an exported file has its flips inside
         self.rules = answering.rules_for(self.meta, settings.source, settings.target_error, settings.delta,
                                          settings.coverage, settings.guarantee)
-        self.model = prediction.ready(self.eager, self.meta, torch.device("cpu"), None, self.rules.novelty is not None,
-                                      self.tta)
+        if self.eager is not None:
+            self.model = prediction.ready(self.eager, self.meta, torch.device("cpu"), None,
+                                          self.rules.novelty is not None, self.tta)
         root = settings.data_root or self.meta.get("config", {}).get("data")
         self.data_root = Path(root) if root and Path(root).is_dir() else Path(data_root_default())
         self.lock = threading.Lock()  # one forward pass at a time: torch already uses every core
@@ -73,9 +77,10 @@ class Asker:
                                               3, self.tta, 1, quantile=self.rules.quantile, novelty=self.rules.novelty))
             if pred.error:
                 return {"name": name, "error": pred.error}
-            image = evidence.eval_image(io.BytesIO(content), size)
-            top_index = self.meta["class_names"].index(pred.top[0][0])
-            heat = evidence.heat_map_png(self.eager, self.meta, image, top_index)
+            heat = None
+            if self.eager is not None:
+                image = evidence.eval_image(io.BytesIO(content), size)
+                heat = evidence.heat_map_png(self.eager, self.meta, image, self.meta["class_names"].index(pred.top[0][0]))
         names = self.meta["class_names"]
         if pred.novel:
             verdict = f"Not one of the {len(names)} minerals this model knows"
@@ -88,7 +93,7 @@ class Asker:
                 "novelty_threshold": (None if self.rules.novelty is None or np.isinf(self.rules.novelty.threshold)
                                       else round(self.rules.novelty.threshold, 4)),
                 "confidence": round(pred.confidence, 4), "top": [[c, round(p, 4)] for c, p in pred.top],
-                "set": pred.set, "heatmap": "data:image/png;base64," + base64.b64encode(heat).decode(),
+                "set": pred.set, "heatmap": heat and "data:image/png;base64," + base64.b64encode(heat).decode(),
                 "heatmap_class": pred.top[0][0],
                 "similar": [{**s, "distance": round(s["distance"], 4)} for s in pred.similar]}
 
@@ -276,8 +281,8 @@ async function ask(file) {
   const answer = box.querySelector('.answer'), heat = box.querySelector('.heat');
   if (out.error) { heat.textContent = ''; answer.innerHTML = '<p class="error">' + esc(out.error) + '</p>'; box.dataset.done = 'error'; return; }
   const kind = out.novel ? 'novel' : (out.answer === 'unknown' ? 'unknown' : 'named');
-  heat.innerHTML = '<img class="main" src="' + out.heatmap + '" alt="heat map"><div class="small">where the model looked for ' +
-    esc(out.heatmap_class) + ' (Grad-CAM)</div>';
+  heat.innerHTML = out.heatmap ? '<img class="main" src="' + out.heatmap + '" alt="heat map"><div class="small">where the model looked for ' +
+    esc(out.heatmap_class) + ' (Grad-CAM)</div>' : '<div class="small">no heat map: an exported model keeps no gradients</div>';
   answer.innerHTML = '<p class="verdict ' + kind + '" data-answer="' + esc(out.answer) + '">' + esc(out.verdict) + '</p>' +
     (out.why ? '<p class="small why">' + esc(out.why) + '</p>' : '') +
     (out.novel ? '<p class="small">Farther from every training photo (' + out.novelty + ') than 95 % of photos of the known minerals (' +
