@@ -9,14 +9,24 @@ import torch
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 
 
+def cuda_missing() -> str:
+    """Why this process has no CUDA device; "" when it has one."""
+    if torch.cuda.is_available():
+        return ""
+    if torch.version.cuda is None:
+        return "this torch is built without CUDA"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # what Ray (or the user) handed this process
+    return "no CUDA GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+
+
 def pick_device(name: str) -> torch.device:
     """auto: CUDA where there is one, else the CPU; a CUDA device asked for by name must be there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ValueError(f"--device {name}: CUDA is missing on this machine ({why}); use --device cpu or auto")
+        raise ValueError(f"--device {name}: CUDA is missing on this machine ({cuda_missing()}); "
+                         "use --device cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

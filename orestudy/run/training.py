@@ -149,6 +149,7 @@ class Run:
     val_samples: list
     progress: bool
     started: float = field(default_factory=time.time)
+    device_fallback: str = ""     # why device auto got the CPU (no CUDA here); "" for CUDA or a named device
 
     def depth(self, epoch: int) -> int:
         """How much of the backbone is frozen in this epoch: all of it for the first freeze_epochs."""
@@ -266,7 +267,8 @@ def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
                data.online_augment(s, size) if s > 0 else None,
                [(r, v) for r in prep.records["train"] for v in views],
                [lab for lab in prep.labels["train"] for _ in views],
-               [(r, "identity") for r in prep.records["val"]], progress)
+               [(r, "identity") for r in prep.records["val"]], progress,
+               device_fallback=devices.cuda_missing() if config.device == "auto" else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -441,7 +443,9 @@ def finish(run: Run, progress: Progress, tracker) -> dict:
     result.update({
         "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"], "epochs_run": progress.epoch,
         "wall_seconds": progress.elapsed + time.time() - run.started, "threads": run.threads,
-        "device": str(run.device), "precision": str(run.dtype or "fp32"), "n_train": len(prep.records["train"]),
+        "device": str(run.device), "device_requested": config.device,
+        **({"device_fallback": run.device_fallback} if run.device_fallback else {}),
+        "precision": str(run.dtype or "fp32"), "n_train": len(prep.records["train"]),
         "n_val": len(prep.records["val"]), "n_test": len(prep.records["test"]),
         "n_train_samples": len(run.train_samples), "unreadable_files": [asdict(b) for b in prep.bad_files],
         "run_dir": str(run.run_dir), "environment": environment.versions(), "predictions": outcomes})
@@ -512,6 +516,8 @@ def opening(run: Run, tracker) -> None:
     """The run's first lines: its data, what it trains, and where its folder and MLflow run are."""
     for line in describe(run):
         run.log(line)
+    if run.device_fallback:  # never a silent CPU where a GPU may have been meant (a GPU trial on a node without CUDA)
+        run.log(f"device auto: {run.device_fallback}, so the run trains on the CPU")
     where = f"run folder {run.run_dir}"
     if tracker.run_id:
         where += f"; MLflow run {tracker.run_id} in {tracker.uri}, experiment {run.config.experiment}"
