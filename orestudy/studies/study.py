@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -24,6 +25,7 @@ from pathlib import Path
 import ray
 import torch
 from ray import tune
+from ray.exceptions import RayActorError
 from ray.tune.progress_reporter import ProgressReporter
 
 from .. import data, models, tracking
@@ -104,40 +106,55 @@ METRIC = "best_val_accuracy"  # every epoch's report carries the best validation
 def train_trial(params: dict, tracking_uri: str = "") -> None:
     """The one Tune trial: run_experiment(params["config"]) with as many threads as CPUs the trial holds.
     Every epoch is reported with tune.report, beside its row the best validation accuracy so far
-    (METRIC: a search's objective and ASHA's signal) with its epoch and loss, and with the training
-    state as its checkpoint, so a trial that is interrupted (Ctrl-C, a lost node) or retried continues
-    after its last reported epoch. A trial that evaluates the test split ends with one more report:
-    the test result and the whole run folder as the final checkpoint, or, when the backbone's ImageNet
-    weights are not available offline, the skip and its reason (a skip returns normally, so it is
-    never retried). A search trial (evaluate_test off) ends with its last epoch's report."""
+    (METRIC: a search's objective and ASHA's signal) with its epoch and loss, where the attempt runs
+    (placement) and when it started and reported, and with the training state as its checkpoint, so a
+    trial that is interrupted (Ctrl-C, a lost node) or retried continues after its last reported epoch.
+    A trial that evaluates the test split ends with one more report: the test result and the whole run
+    folder as the final checkpoint, or, when the backbone's ImageNet weights are not available offline,
+    the skip and its reason (a skip returns normally, so it is never retried). A search trial
+    (evaluate_test off) ends with its last epoch's report."""
     if tracking_uri:  # the driver's store, wherever this trial runs
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" every epoch
         logging.getLogger(name).setLevel(logging.WARNING)
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 0)
+    resources = tune.get_context().get_trial_resources().required_resources
     # A trial's run folder is its own: a retry, or the trial in a resumed study, takes it over.
-    config = TrainConfig.from_dict({**params["config"], "threads": int(cpus), "progress": False, "exist_ok": True})
+    config = TrainConfig.from_dict({**params["config"], "threads": int(resources.get("CPU", 0)), "progress": False,
+                                    "exist_ok": True})
+    attempt = {"placement": placement(resources), "attempt_started": time.time()}
 
     def report(row: dict, state: dict) -> None:
         best = state["best"]
         with tempfile.TemporaryDirectory() as folder:  # report() copies it to storage before returning
             torch.save(state, Path(folder) / STATE_FILE)
             tune.report({**row, METRIC: best["val_accuracy"], "best_val_loss": best["val_loss"],
-                         "best_epoch": best["epoch"]}, checkpoint=tune.Checkpoint.from_directory(folder))
+                         "best_epoch": best["epoch"], **attempt, "reported_at": time.time()},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:
         result = run_experiment(config, report, resume=saved_state(tune.get_checkpoint()))
     except models.WeightsUnavailable as err:
         tune.report({"status": SKIPPED_OFFLINE, "reason": str(err)})
         return
-    if not config.evaluate_test:
-        return
-    final = {k: result[k] for k in ("accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
-                                    "wall_seconds", "confusion_matrix", "class_names", "device", "precision",
-                                    "threads", "run_dir", "predictions", "curation", "n_test_full",
-                                    "test_full_accuracy", "test_full_macro_f1", "tta") if k in result}
-    tune.report({"status": "ok", **final, "node_id": ray.get_runtime_context().get_node_id()},
-                checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
+    if config.evaluate_test:
+        final = {"status": "ok", **{k: result[k] for k in FINAL_KEYS if k in result}, **attempt,
+                 "reported_at": time.time()}
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
+
+
+FINAL_KEYS = ("accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy", "wall_seconds", "confusion_matrix",
+              "class_names", "device", "device_requested", "device_fallback", "precision", "threads", "run_dir",
+              "predictions", "curation", "n_test_full", "test_full_accuracy", "test_full_macro_f1", "tta")
+
+
+def placement(resources: dict) -> dict:
+    """Where Ray placed this attempt of the trial: its node (id and labels), the CPUs and GPUs it holds,
+    the GPU ids Ray gave it and the CUDA devices the process sees (Ray sets CUDA_VISIBLE_DEVICES to those
+    ids, whether or not a physical GPU is behind them: the device the run used says which)."""
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "node_labels": dict(context.get_node_labels()),
+            "resources": dict(resources), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def saved_state(checkpoint: tune.Checkpoint | None) -> dict | None:
@@ -215,6 +232,27 @@ class TrialLog(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[study] trial {run_name(trial)} failed after {trial.num_failures} attempts", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial that raised, or lost its Ray worker (its node died, or the process was killed), is
+        tried again: what happened, and the epoch its next attempt continues after."""
+        error = last_error(trial)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        if isinstance(error, RayActorError):  # Ray's own words on why, e.g. "... because its node has died"
+            why = next((line for line in lines if line.startswith("The actor died because")), lines[0])
+            cause = f"lost its Ray worker ({why})"
+        else:
+            cause = f"raised {lines[-1]}" if error is not None else "failed"
+        epoch = (trial.last_result or {}).get("epoch")
+        print(f"[study] trial {run_name(trial)} {cause}: retried from "
+              + (f"its checkpoint after epoch {epoch:.0f}" if epoch else "its first epoch")
+              + f" (failure {trial.num_failures} of {trial.max_failures} allowed)", flush=True)
+
+
+def last_error(trial) -> BaseException | None:
+    """The error a trial last failed with, from the driver's copy (the storage path's is synced later)."""
+    path = trial.pickled_error_file
+    return pickle.loads(Path(path).read_bytes()) if path and Path(path).exists() else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,9 +354,9 @@ def outcomes(results: tune.ResultGrid) -> list[Trial]:
 # Portable trial records
 
 RECORD_METRICS = ("status", "reason", "accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy",
-                  "wall_seconds", "device", "precision", "threads", "confusion_matrix", "class_names",
-                  "predictions", "curation", "n_test_full", "test_full_accuracy", "test_full_macro_f1", "tta",
-                  "weights")
+                  "wall_seconds", "device", "device_fallback", "precision", "threads", "confusion_matrix",
+                  "class_names", "predictions", "curation", "n_test_full", "test_full_accuracy", "test_full_macro_f1",
+                  "tta", "weights")
 HISTORY_COLUMNS = ("epoch", "frozen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds")
 
 
