@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +29,7 @@ from ray import tune
 from ray.exceptions import RayActorError
 from ray.tune.progress_reporter import ProgressReporter
 
-from .. import data, models, tracking
+from .. import data, files, models, tracking
 from ..config import StudySettings, TrainConfig, compact, complete, computation, is_ensemble
 from ..run import ensembling
 from ..run.training import run_experiment
@@ -110,9 +111,10 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
     (placement) and when it started and reported, and with the training state as its checkpoint, so a
     trial that is interrupted (Ctrl-C, a lost node) or retried continues after its last reported epoch.
     A trial that evaluates the test split ends with one more report: the test result and the whole run
-    folder as the final checkpoint, or, when the backbone's ImageNet weights are not available offline,
-    the skip and its reason (a skip returns normally, so it is never retried). A search trial
-    (evaluate_test off) ends with its last epoch's report."""
+    folder as the final checkpoint (holding that report, so a study resumed after its driver died before
+    it saw the trial end reports it again instead of training it again), or, when the backbone's ImageNet
+    weights are not available offline, the skip and its reason (a skip returns normally, so it is never
+    retried). A search trial (evaluate_test off) ends with its last epoch's report."""
     if tracking_uri:  # the driver's store, wherever this trial runs
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" every epoch
@@ -131,20 +133,28 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
                          "best_epoch": best["epoch"], **attempt, "reported_at": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
+    state, finished = saved(tune.get_checkpoint())
+    if finished is not None:
+        print(f"[{config.run_name()}] finished before the study was cut: its result is reported, not trained again",
+              file=sys.stderr, flush=True)
+        tune.report({**finished, "reported_again": True})
+        return
     try:
-        result = run_experiment(config, report, resume=saved_state(tune.get_checkpoint()))
+        result = run_experiment(config, report, resume=state)
     except models.WeightsUnavailable as err:
         tune.report({"status": SKIPPED_OFFLINE, "reason": str(err)})
         return
     if config.evaluate_test:
         final = {"status": "ok", **{k: result[k] for k in FINAL_KEYS if k in result}, **attempt,
                  "reported_at": time.time()}
+        files.write_json_atomic(Path(result["run_dir"]) / FINAL_REPORT, final)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
 
 
 FINAL_KEYS = ("accuracy", "macro_f1", "n_test", "best_epoch", "best_val_accuracy", "wall_seconds", "confusion_matrix",
               "class_names", "device", "device_requested", "device_fallback", "precision", "threads", "run_dir",
               "predictions", "curation", "n_test_full", "test_full_accuracy", "test_full_macro_f1", "tta")
+FINAL_REPORT = "trial_result.json"  # in a study trial's run folder: its final report to Tune
 
 
 def placement(resources: dict) -> dict:
@@ -157,13 +167,15 @@ def placement(resources: dict) -> dict:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def saved_state(checkpoint: tune.Checkpoint | None) -> dict | None:
-    """The training state in a trial's last checkpoint; None for a first attempt or a finished run."""
+def saved(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, dict | None]:
+    """(training state, final report) in a trial's last checkpoint: an epoch's state to continue from, or
+    a finished run's report (its run folder); (None, None) for a first attempt."""
     if checkpoint is None:
-        return None
+        return None, None
     with checkpoint.as_directory() as folder:
-        path = Path(folder) / STATE_FILE
-        return torch.load(path, map_location="cpu") if path.exists() else None
+        state, final = Path(folder) / STATE_FILE, Path(folder) / FINAL_REPORT
+        return (torch.load(state, map_location="cpu") if state.exists() else None,
+                json.loads(final.read_text()) if final.exists() else None)
 
 
 def run_name(trial) -> str:
