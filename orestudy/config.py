@@ -374,8 +374,9 @@ class StudySettings:
                                    "s3:// gs:// (default: RUNS/ray_results)", role=WHERE)
     experiment: str = experiment_option()
     mlflow: bool = mlflow_option()
-    max_failures: int = option(2, "retries of a trial that raised, from its last finished epoch, before "
-                                  "it counts as failed", role=WHERE)
+    max_failures: int = option(2, "retries of a trial that raised or lost its node, from its last finished "
+                                  "epoch, before it counts as failed (a node Ray drained, e.g. a preempted spot "
+                                  "machine, is not counted)", role=WHERE)
     cpus_per_trial: int = option(0, "0: a whole (smallest) node, or its share per GPU trial", role=WHERE)
     gpus_per_trial: float = option(0.0, "0: one GPU where nodes have GPUs; a fraction shares one", role=WHERE)
     data: str = data_option()

@@ -305,15 +305,18 @@ def tuner(settings: StudySettings, param_space: dict, name: str, storage_path: s
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             verbose=1, progress_reporter=StudyProgress(),
-            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            # A trial that raises, or whose worker dies with its node (ActorDiedError), is retried from its
+            # last checkpoint, max_failures times in all; Ray counts no drained (preempted) node. The other
+            # trials go on (fail_fast off): one broken configuration does not end a study.
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
 def run_study(param_space: dict, settings: StudySettings, resume: bool = False) -> tune.ResultGrid:
-    """Run (or, with resume, continue) the study; call connect() first. A trial that raises is retried
-    max_failures times from its last finished epoch, then reported as failed while the others go on.
-    Resuming keeps finished trials, continues unfinished ones after their last finished epoch, restarts
-    failed ones from their first, and keeps the saved param_space."""
+    """Run (or, with resume, continue) the study; call connect() first. A trial that raises or loses its
+    node is retried max_failures times from its last finished epoch, then reported as failed while the
+    others go on. Resuming keeps finished trials, continues unfinished ones after their last finished
+    epoch, restarts failed ones from their first, and keeps the saved param_space."""
     check_state(settings, resume)
     if resume:
         return tune.Tuner.restore(settings.path, trainable(settings), resume_unfinished=True,
