@@ -544,11 +544,16 @@ def for_inference(module: nn.Module, input_size: int, device: torch.device, dtyp
     prepacked kernels, the same outputs to ~1e-5. MobileNetV2 on this 2-core CPU: 70 images/s against
     45 eager, 56 eager with BatchNorm folded, 50 torch.compile'd (after a 47 s compile). TorchScript
     is deprecated in favour of torch.compile, which does not match it here yet. Elsewhere (CUDA, bf16
-    autocast) BatchNorm is folded and the module stays eager. example: an input to trace with, where the
-    module does not take images."""
+    autocast) BatchNorm is folded and the module stays eager; a module torch.fx cannot trace stays as it
+    is (EfficientNet-Lite: timm's Conv2dSame pads by the input's size). example: an input to trace with,
+    where the module does not take images."""
     module = module.eval()
     if device.type != "cpu" or dtype is not None:
-        return fuse(module).to(memory_format=torch.channels_last)
+        try:
+            module = fuse(module)
+        except torch.fx.proxy.TraceError:  # control flow on the input: the eager module, BatchNorm unfolded
+            pass
+        return module.to(memory_format=torch.channels_last)
     example = torch.zeros(1, 3, input_size, input_size) if example is None else example[:1]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # the deprecation notices

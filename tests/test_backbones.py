@@ -64,6 +64,18 @@ def test_timm_depth_units_compute_forward_features(name):
     assert torch.equal(got, expected)
 
 
+def test_a_frozen_lite_backbone_runs_where_batchnorm_is_folded_by_tracing():
+    """On CUDA, or the CPU in bf16, a frozen part is made for inference by folding BatchNorm with torch.fx,
+    which cannot trace EfficientNet-Lite (its padding follows the input's size): it stays eager, computing
+    what the model computes (random weights)."""
+    torch.manual_seed(0)
+    part = models.create_model("efficientnet_lite0", 3, weights="none").frozen_part(3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    fast = models.for_inference(part, 64, torch.device("cpu"), torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fast(images), part(images))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone, attention, freeze_depth", [(TIMM_CNN, "se", 2), (TIMM_VIT, "cbam", 3)])
 def test_timm_cached_features_match_the_uncached_path(image_folder, tmp_path, backbone, attention, freeze_depth):
