@@ -93,8 +93,9 @@ def trial_resources(settings: StudySettings) -> dict[str, float]:
         trials_per_node = max(1, int(node["GPU"] / gpus))
         return {"cpu": settings.cpus_per_trial or max(1, int(node.get("CPU", 1)) // trials_per_node), "gpu": gpus}
     cpu_nodes = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
-    if not cpu_nodes:
-        raise RuntimeError("the Ray cluster has no node with a CPU to run trials on")
+    if not cpu_nodes:  # e.g. ray_cluster.yaml's CPU-less head before the autoscaler has started a worker
+        raise ValueError("the Ray cluster has no node with a CPU or GPU to run trials on yet; on an autoscaling "
+                         "cluster say what a trial needs, e.g. --gpus-per-trial 1 --cpus-per-trial 8")
     return {"cpu": settings.cpus_per_trial or min(cpu_nodes)}
 
 
