@@ -418,3 +418,23 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials_or_epochs(i
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     for child in children:
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val/accuracy")] == [1, 2, 3, 4]
+
+
+def test_a_trial_whose_run_finished_before_the_study_was_cut_is_reported_not_run_again(tmp_path, monkeypatch, capsys):
+    """Its driver killed between a trial's last report and Tune taking in its end, a resumed study hands the
+    trial its last checkpoint: the finished run folder (holding the final report), or an epoch's training
+    state of a run whose folder has the final report since. Either is reported again; a run that has not
+    finished is not."""
+    reports = []
+    monkeypatch.setattr(study.tune, "report", lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)))
+    config = study.TrainConfig(seed=5)
+    final = {"status": "ok", "accuracy": 0.75, "run_dir": str(tmp_path / "run")}
+    (tmp_path / "run").mkdir()
+    assert not study.reported_again(config, None, None)
+    assert not study.reported_again(config, {"run_dir": str(tmp_path / "run"), "epoch": 3}, None)  # unfinished
+    assert study.reported_again(config, None, final)  # the checkpoint is the run folder already
+    (tmp_path / "run" / study.FINAL_REPORT).write_text(json.dumps(final))
+    assert study.reported_again(config, {"run_dir": str(tmp_path / "run"), "epoch": 3}, None)
+    assert [(metrics, checkpoint and checkpoint.path) for metrics, checkpoint in reports] == [
+        ({**final, "reported_again": True}, None), ({**final, "reported_again": True}, str(tmp_path / "run"))]
+    assert capsys.readouterr().err.count(f"[{config.run_name()}] finished before the study was cut") == 2

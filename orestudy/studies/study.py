@@ -113,7 +113,7 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
     trial that is interrupted (Ctrl-C, a lost node) or retried continues after its last reported epoch.
     A trial that evaluates the test split ends with one more report: the test result and the whole run
     folder as the final checkpoint (holding that report, so a study resumed after its driver died before
-    it saw the trial end reports it again instead of training it again), or, when the backbone's ImageNet
+    it saw the trial end reports it again instead of running it again), or, when the backbone's ImageNet
     weights are not available offline, the skip and its reason (a skip returns normally, so it is never
     retried). A search trial (evaluate_test off) ends with its last epoch's report."""
     if tracking_uri:  # the driver's store, wherever this trial runs
@@ -134,11 +134,8 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
                          "best_epoch": best["epoch"], **attempt, "reported_at": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
-    state, finished = saved(tune.get_checkpoint())
-    if finished is not None:
-        print(f"[{config.run_name()}] finished before the study was cut: its result is reported, not trained again",
-              file=sys.stderr, flush=True)
-        tune.report({**finished, "reported_again": True})
+    state, final = saved(tune.get_checkpoint())
+    if reported_again(config, state, final):
         return
     try:
         result = run_experiment(config, report, resume=state)
@@ -177,6 +174,23 @@ def saved(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, dict | None]
         state, final = Path(folder) / STATE_FILE, Path(folder) / FINAL_REPORT
         return (torch.load(state, map_location="cpu") if state.exists() else None,
                 json.loads(final.read_text()) if final.exists() else None)
+
+
+def reported_again(config: TrainConfig, state: dict | None, final: dict | None) -> bool:
+    """The result of a trial whose run finished before the study was cut (its driver died before it took in
+    the trial's end), reported again rather than run again: the final report in its last checkpoint (the
+    run folder), or in the run folder a training state is of (when this node reaches it; that folder
+    becomes the checkpoint). False where the run has not finished."""
+    folder = Path(state["run_dir"]) if final is None and state and "run_dir" in state else None
+    if folder is not None and (folder / FINAL_REPORT).exists():
+        final = json.loads((folder / FINAL_REPORT).read_text())
+    if final is None:
+        return False
+    print(f"[{config.run_name()}] finished before the study was cut: its result is reported, not run again",
+          file=sys.stderr, flush=True)
+    tune.report({**final, "reported_again": True},
+                checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None)
+    return True
 
 
 def run_name(trial) -> str:
