@@ -264,19 +264,23 @@ def test_trial_resources_ask_what_a_trial_needs_where_no_node_has_a_cpu_yet(monk
         study.trial_resources(study.StudySettings(data=str(tmp_path)))
 
 
+# One GPU each, on one CPU each: the node's 4 CPUs would run four, its 2 GPUs run two. Half a GPU each
+# takes the node's share of CPUs (4 / 4). Six epochs: the trials' workers start seconds apart on 2 busy
+# cores, and those that may run at once must be seen doing so.
 @pytest.mark.slow
 @pytest.mark.cluster
-# The half-GPU case trains longer: its four trials' workers start seconds apart on 2 busy cores, and all four
-# must be seen running at once.
-@pytest.mark.parametrize("gpus_per_trial, at_once, seeds, epochs", [(1, 2, "1,2,3", 2), (0.5, 4, "1,2,3,4", 6)])
-def test_trials_share_a_nodes_logical_gpus(gpu_cluster, image_folder, tmp_path, gpus_per_trial, at_once, seeds, epochs):
+@pytest.mark.parametrize("gpus_per_trial, options, at_once, seeds", [
+    (1, ("--cpus-per-trial", "1"), 2, "1,2,3"), (0.5, (), 4, "1,2,3,4")], ids=["one-gpu-each", "half-a-gpu-each"])
+def test_trials_share_a_nodes_logical_gpus(gpu_cluster, image_folder, tmp_path, gpus_per_trial, options, at_once,
+                                           seeds):
     """Trials on a worker with two logical GPUs and four CPUs: with one GPU each, two at a time (the
     third waits), with half a GPU each, four, as the trials' own start and end times show; never on the
-    head; each trial holds its share of the node's CPUs as threads, records the GPU ids Ray gave it, and,
-    on this machine without CUDA, says that device auto fell back to the CPU."""
+    head; each trial's threads are the CPUs it holds; each records the GPU ids Ray gave it and, on this
+    machine without CUDA, says that device auto fell back to the CPU."""
     gpu_cluster.add_worker("gpu-worker", gpus=2, cpus=4)
     study = subprocess.run(study_command(gpu_cluster, image_folder, tmp_path, "gpus", "--seeds", seeds,
-                                         "--gpus-per-trial", str(gpus_per_trial), "--no-mlflow", epochs=epochs),
+                                         "--gpus-per-trial", str(gpus_per_trial), *options, "--no-mlflow",
+                                         epochs=6),
                            capture_output=True, text=True, env=gpu_cluster.env, cwd=REPO_ROOT, timeout=400)
     log = study.stdout + study.stderr
     (tmp_path / "driver.log").write_text(log)
@@ -289,11 +293,10 @@ def test_trials_share_a_nodes_logical_gpus(gpu_cluster, image_folder, tmp_path, 
     for gpu in ("0", "1"):  # a GPU id is shared by at most 1 / gpus_per_trial trials at a time
         mine = [i for i, f in zip(intervals, finals) if f["placement"]["gpu_ids"] == [gpu]]
         assert 1 <= most_at_once(mine) <= 1 / gpus_per_trial
-    threads = 4 // at_once
-    for f in finals:
+    for f in finals:  # one CPU each: given, or the node's 4 shared by 4
         where = f["placement"]
         assert where["node_labels"]["role"] == "gpu-worker"  # none on the head
-        assert where["resources"] == {"CPU": threads, "GPU": gpus_per_trial} and f["threads"] == threads
+        assert where["resources"] == {"CPU": 1, "GPU": gpus_per_trial} and f["threads"] == 1
         assert where["gpu_ids"] in (["0"], ["1"]) and where["cuda_visible_devices"] == where["gpu_ids"][0]
         assert (f["device_requested"], f["device"]) == ("auto", "cpu")
         assert f["device_fallback"] == f"no CUDA GPU is visible (CUDA_VISIBLE_DEVICES='{where['gpu_ids'][0]}')"
