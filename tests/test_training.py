@@ -2,6 +2,7 @@ import io
 import json
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -300,7 +301,7 @@ def test_train_with_folds_makes_a_cross_fitted_model_tested_once(image_folder, t
     """folds=2 with the test split: two fold models that never test, then their mean as one model
     (an ensemble folder) calibrated on the out-of-fold predictions of every non-test photo, its test
     split read once; predict takes it like a run and answers from those photos."""
-    from orestudy.commands import predict
+    from orestudy.commands import export, predict
     from orestudy.run import ensembling
 
     reads = []
@@ -322,3 +323,7 @@ def test_train_with_folds_makes_a_cross_fitted_model_tested_once(image_folder, t
     assert metrics["accuracy"] == result["accuracy"]
     preds = predict.main([str(image_folder), "--model", str(folder)])
     assert len(preds) == len(split) and f"{non_test} calibration photos" in capsys.readouterr().err
+    onnx_file, _ = export.main(["--model", str(folder), "--format", "onnx"])  # export takes it too
+    exported = predict.main([str(image_folder), "--model", str(onnx_file)])
+    assert [p.answer for p in exported] == [p.answer for p in preds]
+    np.testing.assert_allclose([p.confidence for p in exported], [p.confidence for p in preds], atol=1e-4)

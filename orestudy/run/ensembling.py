@@ -235,8 +235,9 @@ def is_ensemble(source: str | Path) -> bool:
     return (Path(source) / "ensemble.json").is_file()
 
 
-def load_ensemble(folder: str | Path, device, dtype):
-    """(models.Ensemble ready for inference, metadata in a checkpoint's shape) for predict."""
+def load_ensemble(folder: str | Path, device, dtype, eager: bool = False):
+    """(models.Ensemble ready for inference, metadata in a checkpoint's shape) for predict; eager: the
+    members as trained (what export traces), not made fast for inference."""
     from .. import models
 
     folder = Path(folder)
@@ -245,7 +246,7 @@ def load_ensemble(folder: str | Path, device, dtype):
     for path, weight in zip(spec["members"], spec["weights"]):
         if weight > 0:
             model, meta = models.load_checkpoint(folder / path / "best.pt", device)
-            ready = models.for_inference(model, meta["input_size"], device, dtype)
+            ready = model.eval() if eager else models.for_inference(model, meta["input_size"], device, dtype)
             # a member evaluated with flips (its tta) gave the ensemble its probabilities that way
             members.append((models.Flipped(ready) if meta["best"].get("tta") else ready, weight, meta))
     largest = max((meta for _, _, meta in members), key=lambda meta: meta["input_size"])
