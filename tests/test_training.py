@@ -321,6 +321,10 @@ def test_train_with_folds_makes_a_cross_fitted_model_tested_once(image_folder, t
     assert spec["weights"] == [0.5, 0.5] and result["run_dir"] == str(folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["accuracy"] == result["accuracy"]
+    # a run's fields, so that a study's trial keeps it as a record (study.RECORD_METRICS)
+    assert {"macro_f1", "confusion_matrix", "class_names", "wall_seconds", "device", "precision", "threads",
+            "tta"} <= set(result)
+    assert len(result["predictions"]) == len(split) and {row[0] for row in result["predictions"]} == {"val", "test"}
     preds = predict.main([str(image_folder), "--model", str(folder)])
     assert len(preds) == len(split) and f"{non_test} calibration photos" in capsys.readouterr().err
     onnx_file, _ = export.main(["--model", str(folder), "--format", "onnx"])  # export takes it too

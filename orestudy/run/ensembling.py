@@ -227,8 +227,8 @@ def write_crossfit(output: Path, spec: dict, result: dict, split, oof, test) -> 
     split.assign(split=split["split"].where(split["split"] == "test", "train")).to_csv(output / "split.csv", index=False)
     images = lambda shas: [SimpleNamespace(sha256=sha) for sha in shas]  # per_image takes records
     test_shas = split.loc[split["split"] == "test", "sha256"].tolist()
-    reports.write_predictions(output / "predictions.csv", per_image("val", images(oof.shas), oof)
-                              + per_image("test", images(test_shas), test), spec["class_names"])
+    result["predictions"] = per_image("val", images(oof.shas), oof) + per_image("test", images(test_shas), test)
+    reports.write_predictions(output / "predictions.csv", result["predictions"], spec["class_names"])
 
 
 def is_ensemble(source: str | Path) -> bool:

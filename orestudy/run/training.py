@@ -592,18 +592,23 @@ def cross_validate(config: TrainConfig, report: Callable[[dict, dict], None] | N
     summary = {"folds": results, "fold_best_val_accuracy": fold_best, "best_val_accuracy": float(np.mean(fold_best)),
                "best_epoch": int(np.median([r["best_epoch"] for r in results])),
                "wall_seconds": max(r["wall_seconds"] for r in results), "run_dir": str(runs[0].run_dir.parent)}
-    return {**summary, **crossfit(config, runs)} if config.evaluate_test else summary
+    return {**summary, **crossfit(config, runs, results)} if config.evaluate_test else summary
 
 
-def crossfit(config: TrainConfig, runs: list[Run]) -> dict:
+def crossfit(config: TrainConfig, runs: list[Run], fold_results: list[dict]) -> dict:
     """The fold models as one cross-fitted model (ensembling.build_crossfit) in output/run_name(), tested
-    once, and logged to MLflow as one run beside the folds'."""
+    once, and logged to MLflow as one run beside the folds'; its result has a run's fields, so that a
+    study keeps it as a trial record."""
     from . import ensembling
 
     output = Path(config.output) / config.run_name()
+    started = time.time()
     spec = ensembling.build_crossfit([run.run_dir for run in runs], output, Path(config.data), runs[0].device,
                                      runs[0].dtype, config.batch_size)
-    result = spec["metrics"]
+    first = fold_results[0]
+    result = {**spec["metrics"], "class_names": spec["class_names"], "tta": any(r["tta"] for r in fold_results),
+              "wall_seconds": max(r["wall_seconds"] for r in fold_results) + time.time() - started,  # lockstep folds overlap
+              **{k: first[k] for k in ("device", "precision", "threads")}}
     if config.mlflow:
         result["mlflow_run"] = ensembling.log_run(config.output, config.experiment, output, spec)
     runs[0].log(f"cross-fitted model of {len(runs)} folds: test accuracy {result['accuracy']:.4f} macro-F1 "
