@@ -2,6 +2,7 @@ import io
 import json
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -294,3 +295,39 @@ def test_the_epoch_progress_bar_shows_the_running_loss(capsys):
                                        torch.device("cpu"), None, 3, "epoch 1/1", progress=True)
     shown = capsys.readouterr().err
     assert "epoch 1/1" in shown and "loss=" in shown
+
+
+def test_train_with_folds_makes_a_cross_fitted_model_tested_once(image_folder, tmp_path, monkeypatch, capsys):
+    """folds=2 with the test split: two fold models that never test, then their mean as one model
+    (an ensemble folder) calibrated on the out-of-fold predictions of every non-test photo, its test
+    split read once; predict takes it like a run and answers from those photos."""
+    from orestudy.commands import export, predict
+    from orestudy.run import ensembling
+
+    reads = []
+    original = ensembling.test_batches
+    monkeypatch.setattr(ensembling, "test_batches", lambda *a, **k: reads.append(1) or original(*a, **k))
+    config = tiny_config(image_folder, tmp_path, folds=2, name="cf", regime="tl", attention="se", freeze_epochs=2,
+                         lr=1e-2, precision="fp32")
+    result = run_experiment(config)
+    assert reads == [1]
+    for fold in result["folds"]:
+        assert "accuracy" not in fold and set(pd.read_csv(fold["run_dir"] + "/predictions.csv")["split"]) == {"val"}
+    folder = tmp_path / "runs" / "cf"
+    spec = json.loads((folder / "ensemble.json").read_text())
+    split = pd.read_csv(folder / "split.csv")
+    non_test = int((split["split"] != "test").sum())
+    assert result["n_val"] == non_test == len(spec["calibration"]["labels"]) and result["n_test"] == len(split) - non_test
+    assert spec["weights"] == [0.5, 0.5] and result["run_dir"] == str(folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["accuracy"] == result["accuracy"]
+    # a run's fields, so that a study's trial keeps it as a record (study.RECORD_METRICS)
+    assert {"macro_f1", "confusion_matrix", "class_names", "wall_seconds", "device", "precision", "threads",
+            "tta"} <= set(result)
+    assert len(result["predictions"]) == len(split) and {row[0] for row in result["predictions"]} == {"val", "test"}
+    preds = predict.main([str(image_folder), "--model", str(folder)])
+    assert len(preds) == len(split) and f"{non_test} calibration photos" in capsys.readouterr().err
+    onnx_file, _ = export.main(["--model", str(folder), "--format", "onnx"])  # export takes it too
+    exported = predict.main([str(image_folder), "--model", str(onnx_file)])
+    assert [p.answer for p in exported] == [p.answer for p in preds]
+    np.testing.assert_allclose([p.confidence for p in exported], [p.confidence for p in preds], atol=1e-4)

@@ -102,7 +102,7 @@ def next_steps(result: dict) -> str:
     lines = [f"run folder: {result['run_dir']}"]
     if result.get("mlflow_run"):
         lines[0] += f" (MLflow run {result['mlflow_run']})"
-    if "folds" not in result:
+    if "folds" not in result or "accuracy" in result:  # a run, or the cross-fitted model of the folds
         lines.append(f"next: orestudy predict --model {result['run_dir']} PHOTO_OR_FOLDER ...")
     if result.get("mlflow_uri"):
         lines.append(f"      mlflow ui --backend-store-uri {result['mlflow_uri']}   # then {result['mlflow_url']}")

@@ -1,7 +1,11 @@
-"""Ensembles of trained runs of one split: their softmax probabilities' weighted mean, the weights chosen
-on validation alone by Caruana et al.'s (2004) greedy selection with replacement, the test split scored
-once from the members' predictions.csv; loaded back as one model (models.Ensemble) for predict. The
-command is `orestudy ensemble` (commands/ensemble.py).
+"""Ensembles of trained runs: their softmax probabilities' weighted mean, loaded back as one model
+(models.Ensemble) for predict, val and export. Two kinds:
+- runs of one split (`orestudy ensemble`, commands/ensemble.py): the weights chosen on validation alone by
+  Caruana et al.'s (2004) greedy selection with replacement, the test split scored once from the
+  members' predictions.csv;
+- the K fold models of one cross-validated config (`orestudy train --folds K`, build_crossfit): equal
+  weights, calibrated on the out-of-fold predictions of every non-test photo, the test split scored
+  once by the loaded model.
 """
 
 from __future__ import annotations
@@ -149,12 +153,91 @@ def log_run(runs: str | Path, experiment: str, output: Path, spec: dict) -> str:
                                tracking.flat_metrics(spec["metrics"]), output, tags)
 
 
+CROSSFIT = "cross-fitted: the fold models' equal-weight mean, calibrated on their out-of-fold predictions"
+
+
+def out_of_fold(members: list[dict], non_test: set[str]):
+    """(probabilities, labels, shas) of every non-test photo, each from the one fold model that did not
+    train on it (its fold's validation row); refused unless the folds' validation rows cover them once."""
+    import pandas as pd
+
+    rows = pd.concat([m["predictions"][m["predictions"]["split"] == "val"] for m in members])
+    if set(rows.index) != non_test or rows.index.has_duplicates:
+        raise ValueError(f"the folds' validation photos ({len(rows)}) are not the {len(non_test)} non-test photos once each")
+    classes = members[0]["classes"]
+    return SimpleNamespace(probabilities=rows[[f"p_{c}" for c in classes]].to_numpy(float),
+                           labels=rows["label"].map(classes.index).to_numpy(), shas=list(rows.index))
+
+
+def test_batches(split, root: Path, meta: dict, batch_size: int):
+    """(inputs, labels) of the test split's photos, preprocessed as predict does for this model."""
+    import torch
+
+    from .. import data
+
+    test = split[split["split"] == "test"]
+    labels = test["label"].map(meta["class_names"].index).tolist()
+    for start in range(0, len(test), batch_size):
+        paths = test["path"].iloc[start:start + batch_size]
+        images = torch.stack([data.eval_view(data.decode_base(root / p, meta["input_size"]), meta["input_size"])
+                              for p in paths])
+        yield data.normalize(images, meta["mean"], meta["std"]), torch.tensor(labels[start:start + batch_size])
+
+
+def build_crossfit(fold_dirs: list[Path], output: Path, root: Path, device, dtype, batch_size: int = 32) -> dict:
+    """The fold models as one model in output: the "unknown" threshold and the sets' scores calibrated
+    on the out-of-fold predictions of all non-test photos (answering.Calibration, so predict answers
+    at any target from them), then the test split evaluated once, through the loaded model (no fold
+    run has read a test label). Returns the ensemble spec with its test metrics."""
+    import pandas as pd
+
+    from ..config import complete
+    from .answering import Calibration
+    from .evaluation import calibration, evaluate, test_metrics
+
+    members = [read_member(Path(d)) for d in fold_dirs]
+    split = pd.read_csv(members[0]["dir"] / "split.csv")
+    oof = out_of_fold(members, set(split.loc[split["split"] != "test", "sha256"]))
+    config, classes = complete(members[0]["config"]), members[0]["classes"]
+    calibrated = calibration(oof.probabilities, oof.labels, config["unknown_target_error"], config["unknown_delta"])
+    output.mkdir(parents=True, exist_ok=True)
+    kept = Calibration(oof.probabilities, oof.labels, oof.shas, [f"out-of-fold predictions of {output.name}"]).to_dict()
+    spec = {"members": [os.path.relpath(m["dir"].resolve(), output.resolve()) for m in members],
+            "weights": [round(1 / len(members), 6)] * len(members), "selection": CROSSFIT, **calibrated,
+            "calibration": {k: v.tolist() if hasattr(v, "tolist") else v for k, v in kept.items()},
+            "class_names": classes, "val_accuracy": float((oof.probabilities.argmax(1) == oof.labels).mean())}
+    (output / "ensemble.json").write_text(json.dumps(spec, indent=1))  # what load_ensemble reads
+    model, meta = load_ensemble(output, device, dtype)
+    test = evaluate(model, test_batches(split, root, meta, batch_size), device, dtype)  # the one test evaluation
+    result = {**test_metrics(test, classes, calibrated, config["set_coverage"]), "best_val_accuracy": spec["val_accuracy"],
+              "n_val": len(oof.labels), "n_test": len(test.labels), "run_dir": str(output)}
+    spec.update({"test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"]})
+    write_crossfit(output, spec, result, split, oof, test)
+    return {**spec, "metrics": result}
+
+
+def write_crossfit(output: Path, spec: dict, result: dict, split, oof, test) -> None:
+    """The cross-fitted model's folder beside ensemble.json: metrics.json, its split (every non-test photo
+    trained some fold model: 'train'), and predictions.csv (out-of-fold rows as 'val', then the test)."""
+    from . import reports
+    from .evaluation import per_image
+
+    (output / "ensemble.json").write_text(json.dumps(spec, indent=1))
+    (output / "metrics.json").write_text(json.dumps(result, indent=2))
+    split.assign(split=split["split"].where(split["split"] == "test", "train")).to_csv(output / "split.csv", index=False)
+    images = lambda shas: [SimpleNamespace(sha256=sha) for sha in shas]  # per_image takes records
+    test_shas = split.loc[split["split"] == "test", "sha256"].tolist()
+    result["predictions"] = per_image("val", images(oof.shas), oof) + per_image("test", images(test_shas), test)
+    reports.write_predictions(output / "predictions.csv", result["predictions"], spec["class_names"])
+
+
 def is_ensemble(source: str | Path) -> bool:
     return (Path(source) / "ensemble.json").is_file()
 
 
-def load_ensemble(folder: str | Path, device, dtype):
-    """(models.Ensemble ready for inference, metadata in a checkpoint's shape) for predict."""
+def load_ensemble(folder: str | Path, device, dtype, eager: bool = False):
+    """(models.Ensemble ready for inference, metadata in a checkpoint's shape) for predict; eager: the
+    members as trained (what export traces), not made fast for inference."""
     from .. import models
 
     folder = Path(folder)
@@ -163,12 +246,12 @@ def load_ensemble(folder: str | Path, device, dtype):
     for path, weight in zip(spec["members"], spec["weights"]):
         if weight > 0:
             model, meta = models.load_checkpoint(folder / path / "best.pt", device)
-            ready = models.for_inference(model, meta["input_size"], device, dtype)
+            ready = model.eval() if eager else models.for_inference(model, meta["input_size"], device, dtype)
             # a member evaluated with flips (its tta) gave the ensemble its probabilities that way
             members.append((models.Flipped(ready) if meta["best"].get("tta") else ready, weight, meta))
     largest = max((meta for _, _, meta in members), key=lambda meta: meta["input_size"])
     meta = {"backbone": "ensemble", "class_names": spec["class_names"], "input_size": largest["input_size"],
             "mean": largest["mean"], "std": largest["std"], "members": spec["members"], "weights": spec["weights"],
             "best": {k: spec[k] for k in ("unknown_threshold", "unknown_target_error", "unknown_delta",
-                                          "unknown_error_bound", "conformal_scores")}}
+                                          "unknown_error_bound", "conformal_scores", "calibration") if k in spec}}
     return models.Ensemble(members, meta["input_size"], meta["mean"], meta["std"]).to(device).eval(), meta

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import data, models
-from . import prediction
+from . import ensembling, prediction
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 OPSET = 18
@@ -65,15 +65,21 @@ def preprocessing(meta: dict, fmt: str, file: Path) -> dict:
 
 
 def export(source: str, fmt: str, output: Path | None = None) -> tuple[Path, Path]:
-    """The model at source (run folder, checkpoint or MLflow URI) written as fmt to output (default:
-    model.onnx / model_torchscript.pt beside the checkpoint); returns (file, its JSON)."""
+    """The model at source (run folder, checkpoint, ensemble or cross-fitted model folder, or MLflow URI)
+    written as fmt to output (default: model.onnx / model_torchscript.pt beside the checkpoint, or in
+    the ensemble's folder); returns (file, its JSON)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    checkpoint = prediction.checkpoint_file(source)
-    model, meta = models.load_checkpoint(checkpoint)
-    output = output or checkpoint.parent / ("model.onnx" if fmt == "onnx" else "model_torchscript.pt")
+    if ensembling.is_ensemble(source):  # its members' flips are inside it
+        model, meta = ensembling.load_ensemble(source, torch.device("cpu"), None, eager=True)
+        folder = Path(source)
+    else:
+        checkpoint = prediction.checkpoint_file(source)
+        model, meta = models.load_checkpoint(checkpoint)
+        model, folder = models.Flipped(model) if meta["best"].get("tta") else model, checkpoint.parent
+    output = output or folder / ("model.onnx" if fmt == "onnx" else "model_torchscript.pt")
     output.parent.mkdir(parents=True, exist_ok=True)
-    net = Probabilities(models.Flipped(model) if meta["best"].get("tta") else model).eval()
+    net = Probabilities(model).eval()
     example = torch.zeros(2, 3, meta["input_size"], meta["input_size"])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # both paths are TorchScript's

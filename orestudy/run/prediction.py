@@ -287,6 +287,27 @@ def summary_line(preds: list[Prediction], threshold: float | None, coverage: flo
             f"{novel} not one of these, {unreadable} unreadable; {len(preds) / max(seconds, 1e-9):.1f} images/s")
 
 
+def opened(source: str, device: torch.device, precision: str, tta: bool | None):
+    """(model, meta, device, dtype, tta, eager) of any source predict takes: an exported file (fp32 on the
+    CPU, its flips inside), an ensemble folder (ready), or a checkpoint (eager: made ready once the rules
+    say whether it outputs features), at the precision it was calibrated in where precision is auto."""
+    from .. import device as devices
+
+    if exported_description(source):
+        if precision == "bf16" or tta is not None:
+            raise ValueError(f"{source} is an exported file: it runs in fp32 on the CPU, with the flips it was "
+                             f"exported with; leave out --precision bf16 and --tta / --no-tta")
+        return *load_exported(source), torch.device("cpu"), None, False, False
+    if ensembling.is_ensemble(source):
+        dtype = devices.pick_precision(precision, device)
+        return *load_model(source, device, dtype), device, dtype, tta, False
+    model, meta = load_eager(source, device)
+    trained = meta.get("config", {}).get("precision", "auto")
+    if precision == "auto" and trained in ("fp32", "bf16"):  # as the checkpoint was calibrated
+        precision = trained
+    return model, meta, device, devices.pick_precision(precision, device), tta, True
+
+
 def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | None = None, coverage: float | None = None,
                   batch_size: int = 32, output: Path | None = None, runs: str = "runs", device: str = "auto",
                   precision: str = "fp32", threads: int = 0, *, target_error: float = answering.DEFAULT_TARGET_ERROR,
@@ -307,27 +328,11 @@ def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | No
 
         tracking.use_store(runs)
     devices.set_threads(threads)
-    torch_device = devices.pick_device(device)
-    ensemble, exported = ensembling.is_ensemble(source), exported_description(source) is not None
-    if exported:
-        if precision == "bf16" or tta is not None:
-            raise ValueError(f"{source} is an exported file: it runs in fp32 on the CPU, with the flips it was "
-                             f"exported with; leave out --precision bf16 and --tta / --no-tta")
-        model, meta = load_exported(source)
-        dtype, torch_device, tta = None, torch.device("cpu"), False
-    elif ensemble:
-        dtype = devices.pick_precision(precision, torch_device)
-        model, meta = load_model(source, torch_device, dtype)
-    else:
-        model, meta = load_eager(source, torch_device)
-        trained = meta.get("config", {}).get("precision", "auto")
-        if precision == "auto" and trained in ("fp32", "bf16"):  # as the checkpoint was calibrated
-            precision = trained
-        dtype = devices.pick_precision(precision, torch_device)
+    model, meta, torch_device, dtype, tta, eager = opened(source, devices.pick_device(device), precision, tta)
     if tta is None:  # as the run was evaluated, and its threshold and sets calibrated
         tta = bool(meta.get("best", {}).get("tta", False))
     rules = answering.rules_for(meta, source, target_error, delta, coverage, guarantee, pass_share, sets_required)
-    if not ensemble and not exported:
+    if eager:
         model = ready(model, meta, torch_device, dtype, rules.novelty is not None, tta)
     if rules.threshold is None:
         unknown_threshold(meta, source)  # its warning
@@ -348,7 +353,7 @@ def predict_files(source: str, inputs: list[str], top_k: int = 3, tta: bool | No
         header = {"model": source, "classes": meta["class_names"], "input_size": meta["input_size"],
                   "mean": meta["mean"], "std": meta["std"],
                   **{key: meta["best"].get(key) for key in ("unknown_target_error", "unknown_delta", "unknown_error_bound")},
-                  **rules.header(), "tta": meta["exported"]["flips"] if exported else tta}
+                  **rules.header(), "tta": meta["exported"]["flips"] if "exported" in meta else tta}
         write_output(output, preds, k, header, sets=rules.coverage is not None, novelty=rules.novelty is not None)
     print(summary_line(preds, rules.threshold, rules.coverage, time.time() - started) + (f" -> {output}" if output else ""),
           file=sys.stderr)

@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -580,7 +580,8 @@ def cross_validate(config: TrainConfig, report: Callable[[dict, dict], None] | N
     validation accuracies so far, with the spread beside it. The state holds every fold's state."""
     from .. import tracking
 
-    folds = config.fold_configs()
+    # The folds never test: with evaluate_test, their models are tested once together (crossfit)
+    folds = [replace(c, evaluate_test=False) for c in config.fold_configs()]
     states = resume["folds"] if resume is not None else [None] * len(folds)
     runs = [build_run(c, resumed_dir(c, state)) for c, state in zip(folds, states)]
     progresses = [Progress() if state is None else restore(run, state) for run, state in zip(runs, states)]
@@ -594,9 +595,31 @@ def cross_validate(config: TrainConfig, report: Callable[[dict, dict], None] | N
         except KeyboardInterrupt as stop:
             raise Interrupted(None, progresses[0].epoch) from stop
     fold_best = [r["best_val_accuracy"] for r in results]
-    return {"folds": results, "fold_best_val_accuracy": fold_best, "best_val_accuracy": float(np.mean(fold_best)),
-            "best_epoch": int(np.median([r["best_epoch"] for r in results])),
-            "wall_seconds": max(r["wall_seconds"] for r in results), "run_dir": str(runs[0].run_dir.parent)}
+    summary = {"folds": results, "fold_best_val_accuracy": fold_best, "best_val_accuracy": float(np.mean(fold_best)),
+               "best_epoch": int(np.median([r["best_epoch"] for r in results])),
+               "wall_seconds": max(r["wall_seconds"] for r in results), "run_dir": str(runs[0].run_dir.parent)}
+    return {**summary, **crossfit(config, runs, results)} if config.evaluate_test else summary
+
+
+def crossfit(config: TrainConfig, runs: list[Run], fold_results: list[dict]) -> dict:
+    """The fold models as one cross-fitted model (ensembling.build_crossfit) in output/run_name(), tested
+    once, and logged to MLflow as one run beside the folds'; its result has a run's fields, so that a
+    study keeps it as a trial record."""
+    from . import ensembling
+
+    output = Path(config.output) / config.run_name()
+    started = time.time()
+    spec = ensembling.build_crossfit([run.run_dir for run in runs], output, Path(config.data), runs[0].device,
+                                     runs[0].dtype, config.batch_size)
+    first = fold_results[0]
+    result = {**spec["metrics"], "class_names": spec["class_names"], "tta": any(r["tta"] for r in fold_results),
+              "wall_seconds": max(r["wall_seconds"] for r in fold_results) + time.time() - started,  # lockstep folds overlap
+              **{k: first[k] for k in ("device", "precision", "threads")}}
+    if config.mlflow:
+        result["mlflow_run"] = ensembling.log_run(config.output, config.experiment, output, spec)
+    runs[0].log(f"cross-fitted model of {len(runs)} folds: test accuracy {result['accuracy']:.4f} macro-F1 "
+                f"{result['macro_f1']:.4f}; calibrated on {result['n_val']} out-of-fold photos -> {output}")
+    return result
 
 
 def lockstep(config: TrainConfig, runs: list[Run], progresses: list[Progress], trackers: list, report) -> list[dict]:

@@ -12,6 +12,7 @@ together by handing a later study the earlier records (`reusable`).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -19,6 +20,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -105,6 +107,18 @@ def trial_resources(settings: StudySettings) -> dict[str, float]:
 METRIC = "best_val_accuracy"  # every epoch's report carries the best validation accuracy so far
 
 
+_TRAINING_THREADS: set = set()
+
+
+def _exit_at_once_if_cut_midway() -> None:
+    """At the trial process's exit: when Tune stops a trial between two of its reports (ASHA at a rung),
+    its training thread is still mid-epoch, and Python's shutdown kills that thread inside torch,
+    which aborts the process with a 50-line native trace that reads like a crash. The thread's work
+    is discarded anyway (the trial ended at its last report): leave at once instead."""
+    if any(thread.is_alive() for thread in _TRAINING_THREADS):
+        os._exit(0)
+
+
 def train_trial(params: dict, tracking_uri: str = "") -> None:
     """The one Tune trial: run_experiment(params["config"]) with as many threads as CPUs the trial holds.
     Every epoch is reported with tune.report, beside its row the best validation accuracy so far
@@ -116,6 +130,9 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
     it saw the trial end reports it again instead of running it again), or, when the backbone's ImageNet
     weights are not available offline, the skip and its reason (a skip returns normally, so it is never
     retried). A search trial (evaluate_test off) ends with its last epoch's report."""
+    if not _TRAINING_THREADS:
+        atexit.register(_exit_at_once_if_cut_midway)
+    _TRAINING_THREADS.add(threading.current_thread())  # Tune runs this function in a thread of its own
     if tracking_uri:  # the driver's store, wherever this trial runs
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" every epoch
