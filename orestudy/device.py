@@ -19,6 +19,13 @@ def cuda_missing() -> str:
     return "no CUDA GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
 
 
+def gpus_unusable(name: str) -> str:
+    """Why device `name` = auto gets the CPU in a process handed GPUs it cannot use (CUDA_VISIBLE_DEVICES
+    names some, as Ray sets it for a GPU trial, but torch sees no CUDA); "" otherwise: CUDA is there, a
+    device was named, or no GPU was handed (the CPU, as expected)."""
+    return cuda_missing() if name == "auto" and os.environ.get("CUDA_VISIBLE_DEVICES") else ""
+
+
 def pick_device(name: str) -> torch.device:
     """auto: CUDA where there is one, else the CPU; a CUDA device asked for by name must be there."""
     if name == "auto":

@@ -136,6 +136,7 @@ def test_study_on_a_two_node_cluster(two_node_cluster, image_folder, tmp_path):
         finals.append(json.loads(result_file.read_text().splitlines()[-1]))
     assert [f["status"] for f in finals] == ["ok"] * 4
     assert len({f["placement"]["node_id"] for f in finals}) == 2, log[-4000:]
+    assert all("device_fallback" not in f for f in finals)  # handed no GPU, the CPU is no fallback
     # Results came back to the driver: the table, and the MLflow runs in the driver's store.
     assert "n=4; 95% CI" in (output / "cluster" / "report" / "report.md").read_text()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow.db'}")
@@ -262,6 +263,17 @@ def test_trial_resources_ask_what_a_trial_needs_where_no_node_has_a_cpu_yet(monk
     monkeypatch.setattr(study.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 0.0}}])
     with pytest.raises(ValueError, match="--gpus-per-trial 1 --cpus-per-trial 8"):
         study.trial_resources(study.StudySettings(data=str(tmp_path)))
+
+
+def test_device_auto_says_why_it_cannot_use_the_gpus_it_was_handed(monkeypatch):
+    from orestudy import device
+
+    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device.gpus_unusable("auto") == ""  # handed no GPU: the CPU, as expected
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # as Ray sets it for a trial given GPU 1
+    assert device.gpus_unusable("auto") == device.cuda_missing() != ""
+    assert "CUDA" in device.gpus_unusable("auto") and device.gpus_unusable("cpu") == ""
 
 
 # One GPU each, on one CPU each: the node's 4 CPUs would run four, its 2 GPUs run two. Half a GPU each

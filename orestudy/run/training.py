@@ -149,7 +149,7 @@ class Run:
     val_samples: list
     progress: bool
     started: float = field(default_factory=time.time)
-    device_fallback: str = ""     # why device auto got the CPU (no CUDA here); "" for CUDA or a named device
+    device_fallback: str = ""     # why device auto got the CPU though handed GPUs (no CUDA behind them), or ""
 
     def depth(self, epoch: int) -> int:
         """How much of the backbone is frozen in this epoch: all of it for the first freeze_epochs."""
@@ -268,7 +268,7 @@ def build_run(config: TrainConfig, run_dir: Path | None = None) -> Run:
                [(r, v) for r in prep.records["train"] for v in views],
                [lab for lab in prep.labels["train"] for _ in views],
                [(r, "identity") for r in prep.records["val"]], progress,
-               device_fallback=devices.cuda_missing() if config.device == "auto" else "")
+               device_fallback=devices.gpus_unusable(config.device))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -516,7 +516,7 @@ def opening(run: Run, tracker) -> None:
     """The run's first lines: its data, what it trains, and where its folder and MLflow run are."""
     for line in describe(run):
         run.log(line)
-    if run.device_fallback:  # never a silent CPU where a GPU may have been meant (a GPU trial on a node without CUDA)
+    if run.device_fallback:  # a GPU trial on a node without CUDA: never a silent CPU run
         run.log(f"device auto: {run.device_fallback}, so the run trains on the CPU")
     where = f"run folder {run.run_dir}"
     if tracker.run_id:
