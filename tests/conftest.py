@@ -87,3 +87,11 @@ def tiny_run(tmp_path_factory):
                          precision="fp32")
     training.run_experiment(config)
     return folder, root / "runs" / config.run_name()
+
+
+def with_ctrl_c() -> None:
+    """preexec_fn of a child that a test interrupts with SIGINT as a terminal's Ctrl-C would: a shell's
+    background job (CI started with `&`, nohup) ignores SIGINT, and its children would inherit that."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

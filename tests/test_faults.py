@@ -15,7 +15,7 @@ from orestudy import data, tracking
 from orestudy.commands import train as train_face
 from orestudy.config import REPO_ROOT
 from orestudy.run import training
-from conftest import png_folder
+from conftest import png_folder, with_ctrl_c
 from test_training import tiny_config
 
 TINY = ["--regime", "scratch", "--attention", "none", "--freeze-epochs", "0", "--epochs", "1", "--image-size", "64",
@@ -235,7 +235,8 @@ def test_ctrl_c_of_a_search_is_one_line_and_leaves_nothing_running(tmp_path):
     space.write_text(TINY_SPACE.replace("epochs: 2,", "epochs: 4,").replace("trials: 1", "trials: 2"))
     proc = subprocess.Popen(command("search", str(space), "--data", str(folder), "--cache", "", "--seeds",
                                     "--no-baseline", "--name", "srch2"), cwd=tmp_path, env=environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=with_ctrl_c)
     seen = []
     lines_until(proc, "epoch 1/4", seen)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal's whole process group

@@ -18,6 +18,7 @@ import yaml
 from orestudy.commands import replicate
 from orestudy.studies import grid as grids, grid_report, stats, study
 from orestudy.config import REPO_ROOT
+from conftest import with_ctrl_c
 
 # Three tiny cells: one trains, one needs ImageNet weights that are not here, one reads a folder that
 # does not exist (a trial that raises).
@@ -367,7 +368,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials_or_epochs(i
     command = [sys.executable, "-m", "orestudy.replicate", "--seeds", "1,2", "--name", "resumable",
                *tiny_study(image_folder, tmp_path, grid=grid)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=study_env(),
-                             cwd=REPO_ROOT, start_new_session=True)
+                             cwd=REPO_ROOT, start_new_session=True, preexec_fn=with_ctrl_c)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(iter(first.stdout.readline, "")), daemon=True)
     reader.start()
