@@ -174,13 +174,13 @@ def test_batches(split, root: Path, meta: dict, batch_size: int):
     import torch
 
     from .. import data
+    from .prediction import eval_input  # predict's own preprocessing (prediction imports this module)
 
     test = split[split["split"] == "test"]
     labels = test["label"].map(meta["class_names"].index).tolist()
     for start in range(0, len(test), batch_size):
         paths = test["path"].iloc[start:start + batch_size]
-        images = torch.stack([data.eval_view(data.decode_base(root / p, meta["input_size"]), meta["input_size"])
-                              for p in paths])
+        images = torch.stack([eval_input(root / p, meta["input_size"]) for p in paths])
         yield data.normalize(images, meta["mean"], meta["std"]), torch.tensor(labels[start:start + batch_size])
 
 
