@@ -130,3 +130,22 @@ def test_a_recipe_file_sets_the_config_and_the_command_line_overrides_it(tmp_pat
     recipe_file.write_text("evaluate_test: false\n")
     with pytest.raises(ValueError, match="set by studies"):
         configs.read_recipe(recipe_file)
+
+
+def test_the_shipped_pick_and_crossfit_grid_compute_what_the_search_retrained():
+    """experiments/recipes/recipe_cpu_pick.yaml and the single-model row of experiments/crossfit_grid.yaml
+    are the search's pick as its retraining ran it (docs/results/recipe_cpu/best.jsonl), seed by seed."""
+    from orestudy.studies import grid as grids
+
+    records = study.read_records(configs.REPO_ROOT / "docs/results/recipe_cpu/best.jsonl")
+    pick = configs.read_recipe(configs.REPO_ROOT / "experiments/recipes/recipe_cpu_pick.yaml")
+    loaded = grids.load_grid(configs.REPO_ROOT / "experiments/crossfit_grid.yaml")
+    cells = grids.grid_cells(loaded)
+    rows = grids.trial_configs(loaded, cells, [r.config["seed"] for r in records], {**loaded["paper"]})
+    for record in records:
+        seed = record.config["seed"]
+        retrained = study.computation_key(record.config)
+        assert study.computation_key({**pick, "split_method": "shuffle", "precision": "fp32", "seed": seed}) == retrained
+        single = [r for r in rows if r["seed"] == seed and r["folds"] == 1]
+        assert [study.computation_key(r) for r in single] == [retrained]
+    assert {r["folds"] for r in rows} == {1, 3}

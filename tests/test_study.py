@@ -16,7 +16,7 @@ import scipy.stats
 import yaml
 
 from orestudy.commands import replicate
-from orestudy.studies import grid as grids, grid_report, stats, study
+from orestudy.studies import effects, grid as grids, grid_report, stats, study
 from orestudy.config import REPO_ROOT
 from conftest import with_ctrl_c
 
@@ -89,6 +89,18 @@ def test_paper_grid_has_the_papers_tables_and_the_v1_rows():
     assert value("replication", "table4", "mobilenet_v2", "tl_da_se", "frozen") == 0.9319
     assert value("replication", "table4", "mobilenet_v2", "tl_da_se", "unfrozen") == 0.9005
     assert value("replication", "table4", "mobilenet_v2", "tl_da_se", "frozen10") is None
+
+
+def test_a_row_without_a_field_another_row_sets_does_not_take_its_trials():
+    """experiments/crossfit_grid.yaml: the single model's row sets no `folds`, the cross-fitted row folds 3;
+    each row finds its own five trials only, and the effects and answers tables tell them apart."""
+    grid = grids.load_grid(REPO_ROOT / "experiments/crossfit_grid.yaml")
+    single, crossfit = grids.grid_cells(grid)
+    configs = grids.trial_configs(grid, [single, crossfit], [231, 1, 2, 3, 4], {**grid["paper"]})
+    assert [sum(grids.belongs(c, cell, grid) for c in configs) for cell in (single, crossfit)] == [5, 5]
+    assert all(grids.belongs(c, crossfit, grid) == (c["folds"] == 3) for c in configs)
+    assert effects.cell_label(configs[0]) == "mobilenet_v2 tl_da +ECA r8, frozen 4/15, top 3 units trained"
+    assert effects.cell_label(configs[1]).endswith("top 3 units trained, cross-fitted over 3 folds")
 
 
 def test_filters_and_budget_scale_the_freezing_schedule():

@@ -40,8 +40,10 @@ def cell_label(config: dict) -> str:
     att = "" if c["attention"] == "none" else f" +{c['attention'].upper()} r{c['reduction']}"
     frozen = ("frozen" if c["freeze_epochs"] >= c["epochs"] else "trained" if c["freeze_epochs"] == 0
               else f"frozen {c['freeze_epochs']}/{c['epochs']}")
-    depth = f", first {c['freeze_depth']} units frozen" if c["freeze_depth"] else ""
-    return f"{c['backbone']} {c['regime']}{att}, {frozen}{depth}"
+    depth = (f", first {c['freeze_depth']} units frozen" if c["freeze_depth"] > 0
+             else f", top {-c['freeze_depth']} units trained" if c["freeze_depth"] < 0 else "")
+    folds = f", cross-fitted over {c['folds']} folds" if c["folds"] > 1 else ""
+    return f"{c['backbone']} {c['regime']}{att}, {frozen}{depth}{folds}"
 
 
 def per_seed(trials: list) -> dict:

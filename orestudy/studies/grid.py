@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import REPO_ROOT, TrainConfig, is_ensemble
+from ..config import REPO_ROOT, TrainConfig, complete, defaults, is_ensemble
 
 GRID = REPO_ROOT / "experiments" / "paper_grid.yaml"
 PUBLISHED = REPO_ROOT / "experiments" / "published_results.yaml"
@@ -119,9 +119,15 @@ def trial_configs(grid: dict, cells: list[Cell], seeds: list[int], settings: dic
 
 
 def belongs(config: dict | None, cell: Cell, grid: dict) -> bool:
-    """Whether a trial's config is one of the cell's (None: a trial that never started)."""
-    return (config is not None and not is_ensemble(config) and all(config[k] == getattr(cell, k) for k in CELL_KEYS[:3])
-            and all(config[k] == v for k, v in cell.extra)
+    """Whether a trial's config is one of the cell's (None: a trial that never started). A field another
+    cell sets and this one does not must have the grid's value for it (a single model's row does not
+    take its cross-fitted row's trials)."""
+    if config is None or is_ensemble(config):
+        return False
+    config, extra = complete(config), dict(cell.extra)
+    varied = {k for other in grid_cells(grid) for k, _ in other.extra}
+    expected = {k: extra.get(k, grid["paper"].get(k, defaults()[k])) for k in varied | set(extra)}
+    return (all(config[k] == getattr(cell, k) for k in CELL_KEYS[:3]) and all(config[k] == v for k, v in expected.items())
             and config["freeze_epochs"] == frozen_epochs(grid, cell.schedule, config["epochs"]))
 
 
