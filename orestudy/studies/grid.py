@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import REPO_ROOT, TrainConfig, complete, defaults, is_ensemble
+from ..config import REPO_ROOT, WHERE, TrainConfig, complete, defaults, fields_with_role, is_ensemble
 
 GRID = REPO_ROOT / "experiments" / "paper_grid.yaml"
 PUBLISHED = REPO_ROOT / "experiments" / "published_results.yaml"
@@ -125,7 +125,7 @@ def belongs(config: dict | None, cell: Cell, grid: dict) -> bool:
     if config is None or is_ensemble(config):
         return False
     config, extra = complete(config), dict(cell.extra)
-    varied = {k for other in grid_cells(grid) for k, _ in other.extra}
+    varied = {k for other in grid_cells(grid) for k, _ in other.extra} - set(fields_with_role(WHERE))  # computed fields
     expected = {k: extra.get(k, grid["paper"].get(k, defaults()[k])) for k in varied | set(extra)}
     return (all(config[k] == getattr(cell, k) for k in CELL_KEYS[:3]) and all(config[k] == v for k, v in expected.items())
             and config["freeze_epochs"] == frozen_epochs(grid, cell.schedule, config["epochs"]))
