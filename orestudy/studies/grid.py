@@ -124,9 +124,9 @@ def belongs(config: dict | None, cell: Cell, grid: dict) -> bool:
     take its cross-fitted row's trials)."""
     if config is None or is_ensemble(config):
         return False
-    config, extra = complete(config), dict(cell.extra)
+    config, unset = complete(config), {**defaults(), **grid["paper"]}  # an unset field's value in every trial
     varied = {k for other in grid_cells(grid) for k, _ in other.extra} - set(fields_with_role(WHERE))  # computed fields
-    expected = {k: extra.get(k, grid["paper"].get(k, defaults()[k])) for k in varied | set(extra)}
+    expected = {**{k: unset[k] for k in varied}, **dict(cell.extra)}
     return (all(config[k] == getattr(cell, k) for k in CELL_KEYS[:3]) and all(config[k] == v for k, v in expected.items())
             and config["freeze_epochs"] == frozen_epochs(grid, cell.schedule, config["epochs"]))
 
