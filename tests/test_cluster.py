@@ -400,10 +400,13 @@ def test_a_node_lost_mid_trial_ends_in_the_records_of_an_unbroken_study(gpu_clus
             assert on["gpu-worker-1"] == list(range(1, EPOCHS + 1)) and not on["gpu-worker-2"]
             continue
         assert rows[-1]["placement"]["node_labels"]["role"] == "gpu-worker-2" and rows[-1]["status"] == "ok"
-        last = max(on["gpu-worker-1"], default=0)  # its last epoch reported before the node died
-        assert retried[name] == (f"its checkpoint after epoch {last}" if last else "its first epoch"), log[-4000:]
-        assert on["gpu-worker-2"] == list(range(last + 1, EPOCHS + 1))  # continued after it, not started again
+        after = re.fullmatch(r"its checkpoint after epoch (\d+)|its first epoch", retried[name]).group(1)
+        last = int(after or 0)  # the last epoch it reported before the node died (its checkpoint's)
         assert last == 0 or f"[{name}] resuming after epoch {last}/{EPOCHS}" in log
+        # Tune's copy of the reports (result.json) comes back from storage for the retry: it may lack the
+        # last ones before the loss; the trial record's epochs (compared below with an unbroken run) do not.
+        assert on["gpu-worker-1"] == list(range(1, len(on["gpu-worker-1"]) + 1)) and len(on["gpu-worker-1"]) <= last
+        assert on["gpu-worker-2"] == list(range(last + 1, EPOCHS + 1))  # continued after it, not started again
     records = trial_records(tmp_path, "lost")
     assert len(records) == 2
     for record in records:

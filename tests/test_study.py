@@ -285,6 +285,7 @@ def test_trials_report_epochs_and_checkpoints_through_tune(tiny_results):
         assert [r.get("epoch") for r in results] == [1, 2, None] and results[-1]["status"] == "ok"
         (final,) = trained.glob("checkpoint_*")  # num_to_keep=1: the finished run's folder
         assert {"best.pt", "metrics.json", "history.csv"} <= {p.name for p in final.iterdir()}
+        assert [r["epoch"] for r in json.loads((final / study.EPOCHS_FILE).read_text())] == [1, 2]
         # A skip is one report and no error: it used none of the retries.
         skipped = trial_dirs[f"resnet50_tl_f2_e2_s{seed}"]
         (only,) = [json.loads(line) for line in (skipped / "result.json").read_text().splitlines()]
@@ -293,6 +294,23 @@ def test_trials_report_epochs_and_checkpoints_through_tune(tiny_results):
         # A trial that raises is tried 1 + max_failures times, then reported failed.
         failing = trial_dirs[f"mobilenet_v2_scratch_f1_e2_s{seed}"]
         assert (failing / "error.txt").read_text().count("Failure #") == 2
+
+
+@pytest.mark.slow
+def test_a_trials_epochs_are_its_checkpoints_not_tunes_copy_of_its_reports(tiny_results, tmp_path):
+    """Tune hands a retried trial the storage's copy of its reports (result.json), which can lack the last
+    ones before a node was lost: the study's records take a trial's epochs from its checkpoint."""
+    import shutil
+    from ray import tune
+
+    _, tmp = tiny_results
+    copy = shutil.copytree(tmp / "runs" / "ray_results" / "tiny", tmp_path / "tiny")
+    for results in copy.glob("mobilenet_v2_scratch_f0_e2_s*/result.json"):  # epoch 2's report lost
+        lines = results.read_text().splitlines(keepends=True)
+        results.write_text(lines[0] + lines[-1])
+    trials = study.outcomes(tune.Tuner.restore(str(copy), study.train_trial).get_results())
+    ok = [t for t in trials if t.status == "ok"]
+    assert len(ok) == len(TINY_GRID["seeds"]) and all([r["epoch"] for r in t.history] == [1, 2] for t in ok)
 
 
 @pytest.mark.slow

@@ -39,6 +39,10 @@ from ..run.training import run_experiment
 SKIPPED_OFFLINE = "skipped: weights unavailable offline"
 UNFINISHED = "unfinished"
 STATE_FILE = "training_state.pt"  # in every epoch's checkpoint: what an interrupted trial continues from
+# In every checkpoint of a trial: the epoch rows it has reported, over all its attempts. Tune's own copy
+# (result.json) is no record of them: a trial retried after losing its node gets the storage's copy of
+# that file back, which may lack the last reports before the loss (their checkpoint is what it resumes).
+EPOCHS_FILE = "epochs.json"
 
 LOCAL_OBJECT_STORE_BYTES = 100 * 2**20  # trials pass files, not objects: a small store is plenty
 
@@ -147,11 +151,14 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
         best = state["best"]
         with tempfile.TemporaryDirectory() as folder:  # report() copies it to storage before returning
             torch.save(state, Path(folder) / STATE_FILE)
+            if epochs is not None:
+                epochs.append({k: row[k] for k in HISTORY_COLUMNS if k in row})
+                files.write_json_atomic(Path(folder) / EPOCHS_FILE, epochs)
             tune.report({**row, METRIC: best["val_accuracy"], "best_val_loss": best["val_loss"],
                          "best_epoch": best["epoch"], **attempt, "reported_at": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
-    state, final = saved(tune.get_checkpoint())
+    state, final, epochs = saved(tune.get_checkpoint())  # epochs None: a study begun before EPOCHS_FILE
     if reported_again(config, state, final):
         return
     try:
@@ -163,6 +170,8 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
         final = {"status": "ok", **{k: result[k] for k in FINAL_KEYS if k in result}, **attempt,
                  "reported_at": time.time()}
         files.write_json_atomic(Path(result["run_dir"]) / FINAL_REPORT, final)
+        if epochs is not None:
+            files.write_json_atomic(Path(result["run_dir"]) / EPOCHS_FILE, epochs)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
 
 
@@ -182,15 +191,27 @@ def placement(resources: dict) -> dict:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def saved(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, dict | None]:
-    """(training state, final report) in a trial's last checkpoint: an epoch's state to continue from, or
-    a finished run's report (its run folder); (None, None) for a first attempt."""
+def saved(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, dict | None, list[dict] | None]:
+    """(training state, final report, epoch rows reported) in a trial's last checkpoint: an epoch's state
+    to continue from, or a finished run's report (its run folder); (None, None, []) for a first attempt."""
     if checkpoint is None:
-        return None, None
+        return None, None, []
     with checkpoint.as_directory() as folder:
         state, final = Path(folder) / STATE_FILE, Path(folder) / FINAL_REPORT
         return (torch.load(state, map_location="cpu") if state.exists() else None,
-                json.loads(final.read_text()) if final.exists() else None)
+                json.loads(final.read_text()) if final.exists() else None, reported_epochs(checkpoint))
+
+
+def reported_epochs(checkpoint: tune.Checkpoint | None) -> list[dict] | None:
+    """The epoch rows a trial reported up to checkpoint (EPOCHS_FILE; only that file is read, wherever
+    the storage is); None where the checkpoint has none (a study begun before orestudy kept it)."""
+    if checkpoint is None:
+        return None
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{EPOCHS_FILE}") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
 
 
 def reported_again(config: TrainConfig, state: dict | None, final: dict | None) -> bool:
@@ -386,15 +407,23 @@ def outcomes(results: tune.ResultGrid) -> list[Trial]:
             status = f"failed: {lines[-1].strip() if lines else type(result.error).__name__}"
         else:
             status = metrics.get("status", UNFINISHED)
-        history = result.metrics_dataframe
-        epochs = [] if history is None or "epoch" not in history else history[history["epoch"].notna()]
-        if len(epochs):  # a restarted trial begins again at epoch 1 (its last attempt counts), a resumed
-            # one after its last reported epoch (where an epoch shows twice, the later report counts)
-            epochs = epochs.loc[epochs.index[epochs["epoch"] == 1][-1]:]
-            epochs = epochs.drop_duplicates("epoch", keep="last").to_dict("records")
+        epochs = reported_epochs(result.checkpoint)
+        if epochs is None:  # no checkpoint, or one of a study begun before EPOCHS_FILE
+            epochs = tune_epochs(result.metrics_dataframe)
         config = (result.config or {}).get("config")  # None: the trial never started (interrupted study)
-        rows.append(Trial(config, status, metrics, list(epochs), result.checkpoint))
+        rows.append(Trial(config, status, metrics, epochs, result.checkpoint))
     return rows
+
+
+def tune_epochs(history) -> list[dict]:
+    """The epoch rows of a trial as Tune's results frame has them: a restarted trial begins again at
+    epoch 1 (its last attempt counts), a resumed one after its last reported epoch (where an epoch shows
+    twice, the later report counts)."""
+    if history is None or "epoch" not in history or not history["epoch"].notna().any():
+        return []
+    epochs = history[history["epoch"].notna()]
+    epochs = epochs.loc[epochs.index[epochs["epoch"] == 1][-1]:]
+    return epochs.drop_duplicates("epoch", keep="last").to_dict("records")
 
 
 # ---------------------------------------------------------------------------------------------------
