@@ -103,6 +103,19 @@ def test_a_row_without_a_field_another_row_sets_does_not_take_its_trials():
     assert effects.cell_label(configs[1]).endswith("top 3 units trained, cross-fitted over 3 folds")
 
 
+def test_a_grids_settings_may_take_a_recipe_file_under_its_own_values(tmp_path):
+    """paper.recipe names a recipe file beside the grid: its values are the base, the grid's own win, and
+    its cell fields are left to the rows and schedules; a recipe that cannot be read names its file."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text("backbone: efficientnet_lite0\nfreeze_epochs: 4\nlr: 0.002\nepochs: 9\n")
+    grid = {**TINY_GRID, "paper": {"recipe": "recipes/r.yaml", "epochs": 3}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    assert grids.load_grid(tmp_path / "grid.yaml")["paper"] == {"lr": 0.002, "epochs": 3}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({**grid, "paper": {"recipe": "recipes/none.yaml"}}))
+    with pytest.raises(ValueError, match="none.yaml: cannot read the recipe"):
+        grids.load_grid(tmp_path / "grid.yaml")
+
+
 def test_filters_and_budget_scale_the_freezing_schedule():
     grid, _ = paper_grid()
     cells = grids.select(grids.grid_cells(grid), only=["table4"], backbones=["mobilenet_v2"])

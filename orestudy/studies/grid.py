@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import REPO_ROOT, WHERE, TrainConfig, complete, defaults, fields_with_role, is_ensemble
+from ..config import REPO_ROOT, WHERE, TrainConfig, complete, defaults, fields_with_role, is_ensemble, read_recipe
 
 GRID = REPO_ROOT / "experiments" / "paper_grid.yaml"
 PUBLISHED = REPO_ROOT / "experiments" / "published_results.yaml"
@@ -37,6 +37,7 @@ def load_grid(path: str | Path) -> dict:
     for key in ("paper", "seeds", "schedules", "tables"):
         if not isinstance(grid, dict) or key not in grid:
             raise ValueError(f"{path}: {key}: missing (a grid has paper, seeds, schedules and tables)")
+    grid["paper"] = paper_settings(grid["paper"], path)
     TrainConfig.from_dict(grid["paper"], f"{path}: paper")
     for name, epochs in grid["schedules"].items():
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
@@ -54,6 +55,17 @@ def load_grid(path: str | Path) -> dict:
         if not isinstance(spec.get("ensemble", False), bool):
             raise ValueError(f"{path}: tables.{table}.ensemble: true or false, got {spec['ensemble']!r}")
     return grid
+
+
+def paper_settings(paper: dict, path: Path) -> dict:
+    """A grid's settings for every trial: `paper` as written, on top of the recipe file it names
+    (`recipe:`, relative to the grid file), less the recipe's cell fields, which the grid's rows and
+    schedules set."""
+    if not isinstance(paper, dict) or "recipe" not in paper:
+        return paper
+    recipe = read_recipe(path.parent / paper["recipe"])
+    cell_fields = ("backbone", "regime", "attention", "freeze_epochs")
+    return {**{k: v for k, v in recipe.items() if k not in cell_fields}, **{k: v for k, v in paper.items() if k != "recipe"}}
 
 
 @dataclass(frozen=True)
