@@ -435,7 +435,8 @@ class SearchSettings:
     folds: int = option(0, "a trial's objective is the mean best validation accuracy over K grouped, stratified "
                            "folds of the non-test images (default: the space's budget.folds, 1)", role=SEARCH)
     time_budget: float = option(0.0, "stop searching after this long (5400, 90m, 6h, 1h30m): running trials "
-                                     "are cut, and re-run first by --resume; the retraining follows (default: no "
+                                     "are cut, and re-run first by --resume; the retraining of the best so far follows "
+                                     "(a search over several sessions: --seeds alone until its last) (default: no "
                                      "limit)", role=SEARCH, parse=duration, metavar="DURATION")
     resume: bool = option(False, "continue the search with this name", role=SEARCH)
     sampler_seed: int = option(0, "TPE's seed", role=SEARCH)
