@@ -169,9 +169,9 @@ def train_trial(params: dict, tracking_uri: str = "") -> None:
     if config.evaluate_test:
         final = {"status": "ok", **{k: result[k] for k in FINAL_KEYS if k in result}, **attempt,
                  "reported_at": time.time()}
-        files.write_json_atomic(Path(result["run_dir"]) / FINAL_REPORT, final)
-        if epochs is not None:
+        if epochs is not None:  # before the final report, whose presence says the run finished
             files.write_json_atomic(Path(result["run_dir"]) / EPOCHS_FILE, epochs)
+        files.write_json_atomic(Path(result["run_dir"]) / FINAL_REPORT, final)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(result["run_dir"]))
 
 
