@@ -107,7 +107,13 @@ def test_a_named_contrast_pairs_two_configurations_that_differ_in_several_factor
     study.write_records(both, [t.record(t.dataset) for t in trials])
     with pytest.raises(SystemExit):
         compare.main([str(a), "--contrast", str(a), str(both)])
-    assert "both.jsonl: --contrast takes a file of one configuration" in capsys.readouterr().err
+    assert "both.jsonl: --contrast takes records of one configuration" in capsys.readouterr().err
+    # One configuration's seeds from two studies, joined by a comma, are one arm.
+    early, late = tmp_path / "early.jsonl", tmp_path / "late.jsonl"
+    study.write_records(early, [t.record(t.dataset) for t in trials[:4]])
+    study.write_records(late, [t.record(t.dataset) for t in trials[4:8]])
+    (joined,) = compare.main(["--contrast", f"{early},{late}", str(b), "--output", str(tmp_path / "joined")])
+    assert {k: joined[k] for k in ("n", "mean", "verdict")} == {k: row[k] for k in ("n", "mean", "verdict")}
 
 
 def test_holm_and_seeds_needed():

@@ -7,7 +7,8 @@
 Writes effects.md, effects.csv and effects.png (paired differences per seed, one row per contrast) and
 prints the table. A configuration found in several files counts once (the record that keeps per-image
 outcomes wins), so overlapping studies can be given together. --contrast adds B - A for two files of
-one configuration each, whatever they differ in (two searches' picks: their best.jsonl).
+one configuration each, whatever they differ in (two searches' picks: their best.jsonl); A or B may
+join several files with commas (one configuration's seeds from several studies).
 """
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from pathlib import Path
 from . import cli
 
 
-def one_configuration(path: str) -> list:
-    """The finished trials of a record file that holds one configuration (over seeds)."""
+def one_configuration(paths: str) -> list:
+    """The finished trials of record files (several joined by commas: one configuration's seeds from
+    several studies) that hold one configuration (over seeds)."""
     from ..studies import effects, study
 
-    cells = effects.group(study.unique_records(study.read_records(path)))
+    cells = effects.group(study.unique_records(study.read_records(*paths.split(","))))
     if len(cells) != 1:
-        raise ValueError(f"{path}: --contrast takes a file of one configuration (on one data set); it has "
-                         f"{len(cells)} finished")
+        raise ValueError(f"{paths}: --contrast takes records of one configuration (on one data set); they "
+                         f"have {len(cells)} finished")
     return next(iter(cells.values()))
 
 
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--factors", nargs="+", action=cli.list_option(), default=[],
                    help="keep only the contrasts of these factors, e.g. attention,curation (default: all)")
     p.add_argument("--contrast", nargs=2, action="append", default=[], metavar=("A", "B"),
-                   help="also B - A for two trials.jsonl files of one configuration each (repeatable)")
+                   help="also B - A for two trials.jsonl files of one configuration each (repeatable); "
+                        "several files joined by commas count as one (a configuration's seeds from several studies)")
     p.add_argument("--margin", type=float, default=1.5, help="equivalence margin in accuracy points: a contrast "
                    "whose difference two one-sided tests place within ±margin is 'equivalent within ±margin'")
     args = p.parse_args(argv)
