@@ -353,6 +353,13 @@ def computation(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in where}
 
 
+def typed_computation(config: dict) -> dict:
+    """What a saved config computes, complete (config.complete) and with every value of TrainConfig's
+    type, so that a record rewritten by a JSON tool (jq writes 0.0 as 0) is the same computation; raises
+    TypeError or ValueError for a config this version cannot read."""
+    return computation(asdict(TrainConfig.from_dict(computation(complete(config)))))
+
+
 def is_ensemble(config: dict) -> bool:
     """An ensemble's record (studies.study.ensemble_trial) has for config its members' computations, the
     seed they share and how their weights were chosen, instead of TrainConfig fields."""

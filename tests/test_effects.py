@@ -165,3 +165,11 @@ def test_a_t_interval_without_spread_is_the_value_and_warns_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # scipy's "precision loss" RuntimeWarning on identical values
         assert stats.t_interval(np.array([1 / 3, 1 / 3])) == (1 / 3, 1 / 3)
+
+
+def test_a_record_rewritten_by_a_json_tool_is_the_same_configuration():
+    """jq writes 0.0 as 0: the cell (and the computation) stays the same, as TrainConfig types it."""
+    config = {"backbone": "mobilenet_v2", "aug_strength": 0.0, "lr": 1e-4, "seed": 1}
+    rewritten = {**config, "aug_strength": 0, "seed": 2}
+    assert effects.cell_key(rewritten) == effects.cell_key(config)
+    assert study.computation_key({**rewritten, "seed": 1}) == study.computation_key(config)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from ..config import complete, computation, is_ensemble
+from ..config import complete, computation, is_ensemble, typed_computation
 
 ORDER = {"attention": ["none", "se", "eca", "cbam"], "regime": ["scratch", "tl", "tl_da"]}
 
@@ -29,8 +29,11 @@ def cell_key(config: dict) -> str:
     if is_ensemble(config):
         return json.dumps({"members": sorted(map(cell_key, config["members"])), "selection": config["selection"]},
                           sort_keys=True)
-    return json.dumps({k: v for k, v in computation(complete(config)).items() if k != "seed"},
-                      sort_keys=True, default=str)
+    try:
+        computes = typed_computation(config)
+    except (TypeError, ValueError):  # a config this version cannot read: its fields as saved
+        computes = computation(complete(config))
+    return json.dumps({k: v for k, v in computes.items() if k != "seed"}, sort_keys=True, default=str)
 
 
 def cell_label(config: dict) -> str:

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError
 from ray.tune.progress_reporter import ProgressReporter
 
 from .. import data, files, models, tracking
-from ..config import StudySettings, TrainConfig, compact, complete, computation, is_ensemble
+from ..config import StudySettings, TrainConfig, compact, complete, computation, is_ensemble, typed_computation
 from ..run import ensembling
 from ..run.training import run_experiment
 
@@ -442,7 +442,7 @@ def computation_key(config: dict) -> str | None:
     if is_ensemble(config):
         return json.dumps({**config, "members": sorted(map(computation_key, config["members"]))}, sort_keys=True)
     try:
-        return json.dumps(computation(asdict(TrainConfig.from_dict(computation(complete(config))))), sort_keys=True)
+        return json.dumps(typed_computation(config), sort_keys=True)
     except (TypeError, ValueError):
         return None
 
