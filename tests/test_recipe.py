@@ -149,3 +149,17 @@ def test_the_shipped_pick_and_crossfit_grid_compute_what_the_search_retrained():
         single = [r for r in rows if r["seed"] == seed and r["folds"] == 1]
         assert [study.computation_key(r) for r in single] == [retrained]
     assert {r["folds"] for r in rows} == {1, 3}
+
+
+def test_the_crossfit_paper_grids_single_row_is_the_paper_recipes_committed_records():
+    """experiments/crossfit_paper_grid.yaml's reference row computes exactly the paper recipe's committed
+    records of its ten seeds (so --reuse trains only the cross-fitted row)."""
+    from orestudy.studies import grid as grids
+
+    records = study.read_records(configs.REPO_ROOT / "docs/results/recipe_cpu/baseline.jsonl",
+                                 configs.REPO_ROOT / "docs/results/paper_recipe_s5to9/trials.jsonl")
+    loaded = grids.load_grid(configs.REPO_ROOT / "experiments/crossfit_paper_grid.yaml")
+    rows = grids.trial_configs(loaded, grids.grid_cells(loaded), loaded["seeds"], {**loaded["paper"]})
+    single = sorted(study.computation_key(r) for r in rows if r["folds"] == 1)
+    assert single == sorted(study.computation_key(r.config) for r in records) and len(single) == 10
+    assert {r["folds"] for r in rows} == {1, 3}
