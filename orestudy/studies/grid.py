@@ -65,7 +65,8 @@ def paper_settings(paper: dict, path: Path) -> dict:
         return paper
     recipe = read_recipe(path.parent / paper["recipe"])
     cell_fields = ("backbone", "regime", "attention", "freeze_epochs")
-    return {**{k: v for k, v in recipe.items() if k not in cell_fields}, **{k: v for k, v in paper.items() if k != "recipe"}}
+    own = {k: v for k, v in paper.items() if k != "recipe"}
+    return {**{k: v for k, v in recipe.items() if k not in cell_fields}, **own}
 
 
 @dataclass(frozen=True)
