@@ -197,9 +197,10 @@ def saved(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, dict | None,
     if checkpoint is None:
         return None, None, []
     with checkpoint.as_directory() as folder:
-        state, final = Path(folder) / STATE_FILE, Path(folder) / FINAL_REPORT
+        state, final, epochs = (Path(folder) / name for name in (STATE_FILE, FINAL_REPORT, EPOCHS_FILE))
         return (torch.load(state, map_location="cpu") if state.exists() else None,
-                json.loads(final.read_text()) if final.exists() else None, reported_epochs(checkpoint))
+                json.loads(final.read_text()) if final.exists() else None,
+                json.loads(epochs.read_text()) if epochs.exists() else None)
 
 
 def reported_epochs(checkpoint: tune.Checkpoint | None) -> list[dict] | None:
