@@ -5,6 +5,7 @@ better recipe (orestudy/run/ready.py holds the code):
 
     .venv/bin/python models/build.py                               # about an hour on a 2-core CPU
     .venv/bin/python models/build.py --run runs/ready/minerals7_s231   # from a run already trained
+    .venv/bin/python models/build.py --card-only                   # the card again from the records committed now
     .venv/bin/python models/build.py --set freeze_epochs=20 --note "Interim recipe: ..."   # a departure, said on the card
 """
 from orestudy.run.ready import main

@@ -1,6 +1,7 @@
 """The ready model shipped in models/minerals7: small enough for git, with its card, used by predict when no
 --model is given, and right on a few photos of the data set (where ../shared/data/minerals is at hand)."""
 import json
+import shutil
 
 import pytest
 
@@ -38,3 +39,14 @@ def test_predict_without_a_model_uses_the_ready_one_and_names_known_photos(capsy
     named = [(p.answer, t) for p, t in zip(preds, truth) if p.answer not in (prediction.UNKNOWN, prediction.NOVEL)]
     assert sum(a == t for a, t in named) >= len(named) - 1
     assert sum(not p.novel for p in preds) >= 5 and all(len(p.similar) == 3 for p in preds)
+
+
+def test_the_card_is_what_the_model_and_the_committed_records_give(tmp_path):
+    """A new seed record of the recipe changes the card's figures over seeds: `models/build.py --card-only`
+    must have been run since (it rewrites them without retraining)."""
+    shutil.copytree(ready.READY_DIR, tmp_path / "model")
+    ready.refresh_card(tmp_path / "model", docs=tmp_path / "docs.md")
+    for name in ("README.md", "card.json"):
+        assert (tmp_path / "model" / name).read_text() == (ready.READY_DIR / name).read_text(), \
+            f"{name} is stale: python models/build.py --card-only"
+    assert (tmp_path / "docs.md").read_text() == ready.DOCS_CARD.read_text()

@@ -3,6 +3,7 @@ card, and what `orestudy predict` and `orestudy serve` use when no --model is gi
 
     .venv/bin/python models/build.py                # train the recipe (seed 231), then write models/minerals7
     .venv/bin/python models/build.py --run DIR  # the same from a run folder already trained
+    .venv/bin/python models/build.py --card-only  # the card again, after new seed records of the recipe
 
 The recipe is `orestudy train`'s defaults (TrainConfig), in fp32 so that its calibration holds on every
 CPU: when the study decides on a better recipe, the defaults change and one command rebuilds the model.
@@ -415,15 +416,7 @@ def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, 
     figures["n"] = {"train": metrics["n_train"], "val": metrics["n_val"], "test": metrics["n_test"]}
     out.mkdir(parents=True, exist_ok=True)
     torch.save(sanitized(ckpt), out / "best.pt")
-    size_mb = (out / "best.pt").stat().st_size / 1e6
-    seeds = seed_records(ckpt["config"])
-    readme, summary = card(ckpt["config"], figures, seeds, confusions(seeds, ckpt["class_names"]), size_mb, note)
-    (out / "README.md").write_text(readme)
-    if docs is not None:  # the same card on the documentation site, its links from there
-        docs.parent.mkdir(parents=True, exist_ok=True)
-        docs.write_text(readme.replace("](../../docs/", "](../").replace(
-            "# The ready model: ", "# The ready model's card: ", 1))
-    (out / "card.json").write_text(json.dumps(summary, indent=1, default=float))
+    write_card(out, ckpt["config"], figures, note, docs)
     prep = exporting.preprocessing(ckpt, "orestudy checkpoint", out / "best.pt")
     prep.update({"output": {"meaning": "the checkpoint's OreClassifier gives logits over class_names; orestudy export "
                                        "--model models/minerals7 writes ONNX or TorchScript"},
@@ -435,8 +428,32 @@ def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, 
                                  f"from best.pt's calibration photos"})
     prep.pop("input", None)
     (out / "preprocessing.json").write_text(json.dumps(prep, indent=1))
-    print(f"{out}: {size_mb:.1f} MB; test accuracy {figures['test']['accuracy']:.3f}", file=sys.stderr)
+    print(f"{out}: {(out / 'best.pt').stat().st_size / 1e6:.1f} MB; test accuracy {figures['test']['accuracy']:.3f}", file=sys.stderr)
     return out
+
+
+def write_card(out: Path, config: dict, figures: dict, note: str, docs: Path | None = DOCS_CARD) -> None:
+    """README.md and card.json of the model in out (docs: the same card on the documentation site), its
+    figures over seeds taken from the committed records as they are now."""
+    seeds = seed_records(config)
+    size_mb = (out / "best.pt").stat().st_size / 1e6
+    readme, summary = card(config, figures, seeds, confusions(seeds, figures["classes"]), size_mb, note)
+    (out / "README.md").write_text(readme)
+    if docs is not None:  # its links from there
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text(readme.replace("](../../docs/", "](../").replace(
+            "# The ready model: ", "# The ready model's card: ", 1))
+    (out / "card.json").write_text(json.dumps(summary, indent=1, default=float))
+
+
+def refresh_card(out: Path = READY_DIR, docs: Path | None = DOCS_CARD) -> None:
+    """Rewrite the card of a built model from its own measurements (card.json) and the records committed
+    now: the recipe's figures over seeds and its known confusions follow new records without retraining."""
+    import torch
+
+    summary = json.loads((out / "card.json").read_text())
+    config = torch.load(out / "best.pt", map_location="cpu", weights_only=False)["config"]
+    write_card(out, config, summary["measured"], summary["note"], docs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -451,7 +468,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a TrainConfig field that departs from the recipe (YAML value), e.g. freeze_epochs=20")
     parser.add_argument("--note", default="", help="'Title: text' said on the card, e.g. why the recipe departs")
+    parser.add_argument("--card-only", action="store_true",
+                        help="rewrite the card of the model in --out from its measurements and the records committed "
+                             "now (no training; after new seed records of the recipe)")
     args = parser.parse_args(argv)
+    if args.card_only:
+        return refresh_card(args.out, DOCS_CARD if args.out == READY_DIR else None)
     import yaml
 
     overrides = {}
