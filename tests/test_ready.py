@@ -2,6 +2,7 @@
 --model is given, and right on a few photos of the data set (where ../shared/data/minerals is at hand)."""
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 
@@ -50,3 +51,14 @@ def test_the_card_is_what_the_model_and_the_committed_records_give(tmp_path):
         assert (tmp_path / "model" / name).read_text() == (ready.READY_DIR / name).read_text(), \
             f"{name} is stale: python models/build.py --card-only"
     assert (tmp_path / "docs.md").read_text() == ready.DOCS_CARD.read_text()
+
+
+def test_the_recipes_seeds_are_its_single_models_not_its_cross_fitted_ones(tmp_path, monkeypatch):
+    config = asdict(ready.recipe(seed=5))
+    single = {"config": config, "metrics": {"accuracy": 0.9, "predictions": []}, "status": "ok"}
+    crossfit = {**single, "config": {**config, "seed": 6, "folds": 3}}
+    bf16 = {**single, "config": {**config, "seed": 7, "precision": "bf16"}}  # the same model, other arithmetic
+    (tmp_path / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (single, crossfit, bf16)))
+    monkeypatch.setattr(ready, "RECORDS", [tmp_path / "trials.jsonl"])
+    monkeypatch.setattr(ready, "REPO_ROOT", tmp_path)
+    assert [r["config"]["seed"] for r in ready.seed_records(config)] == [5, 7]
