@@ -62,3 +62,14 @@ def test_the_recipes_seeds_are_its_single_models_not_its_cross_fitted_ones(tmp_p
     monkeypatch.setattr(ready, "RECORDS", [tmp_path / "trials.jsonl"])
     monkeypatch.setattr(ready, "REPO_ROOT", tmp_path)
     assert [r["config"]["seed"] for r in ready.seed_records(config)] == [5, 7]
+
+
+def test_only_the_ready_folder_writes_the_card_on_the_documentation_site(tmp_path, monkeypatch):
+    docs = []
+    monkeypatch.setattr(ready, "build", lambda run, out, seed, threads, work, data, card, *rest: docs.append(card))
+    monkeypatch.setattr(ready, "refresh_card", lambda out, card: docs.append(card))
+    ready.main(["--out", str(tmp_path / "elsewhere"), "--run", str(tmp_path / "run")])
+    ready.main(["--card-only", "--out", str(tmp_path / "elsewhere")])
+    ready.main(["--run", str(tmp_path / "run")])
+    ready.main(["--card-only"])
+    assert docs == [None, None, ready.DOCS_CARD, ready.DOCS_CARD]

@@ -472,8 +472,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="rewrite the card of the model in --out from its measurements and the records committed "
                              "now (no training; after new seed records of the recipe)")
     args = parser.parse_args(argv)
+    # the documentation site shows the ready model's card only, never that of a model built elsewhere
+    docs = DOCS_CARD if args.out.resolve() == READY_DIR.resolve() else None
     if args.card_only:
-        return refresh_card(args.out, DOCS_CARD if args.out == READY_DIR else None)
+        return refresh_card(args.out, docs)
     import yaml
 
     overrides = {}
@@ -481,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
     TrainConfig.from_dict({**overrides})  # type-checked before hours of training
-    build(args.run, args.out, args.seed, args.threads, args.work, args.data, overrides=overrides, note=args.note)
+    build(args.run, args.out, args.seed, args.threads, args.work, args.data, docs, overrides, args.note)
 
 
 if __name__ == "__main__":
