@@ -159,6 +159,10 @@ TINY_GRID = {"paper": {"epochs": 2, "lr": 1e-3, "batch_size": 8, "dropout": 0.5,
 # that a killed node is noticed in seconds; only the test nodes get these.
 FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                    "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000"}
+# Every trial line the driver forwards, not deduplicated: Ray drops the tokens with digits before comparing
+# lines, so "[..._s2] resuming after epoch 1/8" passed for a repeat of "[..._s1] resuming after epoch 3/8"
+# and was not printed (the node-loss test failed on 2 of 7 runs)
+EVERY_LINE = {"RAY_DEDUP_LOGS": "0"}
 # What a trial's record says of where and how long it ran, not of what it computed
 WHERE_AND_WHEN = ("wall_seconds", "epoch_seconds", "device_fallback")
 
@@ -171,7 +175,7 @@ class Cluster:
         self.logs.mkdir()
         self.env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0",
-                    "ORESTUDY_OFFLINE": "1", **FAST_NODE_DEATH}
+                    "ORESTUDY_OFFLINE": "1", **FAST_NODE_DEATH, **EVERY_LINE}
         self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: socket paths must fit 107 bytes
         self.address = f"127.0.0.1:{free_port()}"
         self.start("head", "--head", "--port", self.address.split(":")[1], "--include-dashboard", "false",
