@@ -432,7 +432,7 @@ def build(run_dir: Path | None = None, out: Path = READY_DIR, seed: int = SEED, 
     return out
 
 
-def write_card(out: Path, config: dict, figures: dict, note: str, docs: Path | None = DOCS_CARD) -> None:
+def write_card(out: Path, config: dict, figures: dict, note: str, docs: Path | None) -> None:
     """README.md and card.json of the model in out (docs: the same card on the documentation site), its
     figures over seeds taken from the committed records as they are now."""
     seeds = seed_records(config)
